@@ -1,0 +1,394 @@
+//! The token cache: one entry per (identity, lifetime), refreshed in the
+//! background about halfway through a token's life, with single-flight
+//! signing on a blocking thread.
+//!
+//! The rules (later features rely on them):
+//! - `refresh_after = iat + lifetime × u`, u uniform in [0.45, 0.55], so a
+//!   fleet of agents does not re-sign in lockstep.
+//! - A cached token is servable when `iat <= now + 5 s` and
+//!   `exp - now >= max(min_valid_for, lifetime / 10)`, by the wall clock and
+//!   again by the monotonic clock since signing, so a wall-clock step can
+//!   never make the agent serve an expired token.
+//! - The first request at or after `refresh_after` starts one background
+//!   re-sign; callers keep getting the current token meanwhile.
+//! - Requests that find nothing servable share one signature. A request
+//!   whose `min_valid_for` the cached token cannot meet gets a token signed
+//!   for it, which replaces the entry.
+//! - An entry unused for one lifetime is evicted; each identity keeps at
+//!   most [`MAX_ENTRIES_PER_IDENTITY`] (least recently used goes first).
+//! - When re-signing fails the servable token keeps being served and is
+//!   retried after `min(30 s, remaining / 10)`; with nothing servable the
+//!   request fails with [`Error::Unavailable`].
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tokio::{sync::watch, time::Instant};
+
+use crate::{
+    peer::Peer,
+    token::{Lifetime, Token},
+};
+
+/// Each identity keeps at most this many lifetimes cached.
+pub const MAX_ENTRIES_PER_IDENTITY: usize = 64;
+/// How far in the future `iat` may lie before a token is not served.
+const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5);
+/// The longest wait before retrying a failed re-sign.
+const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+
+/// The two clocks the cache reads. Tests substitute both.
+pub trait Clock: Send + Sync + 'static {
+    /// Wall-clock time since the Unix epoch: what `iat` and `exp` count in.
+    fn wall(&self) -> Duration;
+    /// Monotonic time: tokio's, so tests can pause and advance it.
+    fn mono(&self) -> Instant;
+}
+
+/// The real clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn wall(&self) -> Duration {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+    }
+
+    fn mono(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// Makes tokens. Called on a blocking thread, never on the async reactor.
+pub trait Signer: Send + Sync + 'static {
+    fn sign(&self, identity: &str, lifetime: Lifetime, issued_at: u64)
+    -> Result<Token, SignFailure>;
+}
+
+impl<T: Signer> Signer for Arc<T> {
+    fn sign(
+        &self,
+        identity: &str,
+        lifetime: Lifetime,
+        issued_at: u64,
+    ) -> Result<Token, SignFailure> {
+        (**self).sign(identity, lifetime, issued_at)
+    }
+}
+
+/// Why a signature could not be made; never carries key material.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct SignFailure(pub Arc<str>);
+
+/// What a cache entry is for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Key {
+    pub identity: Arc<str>,
+    pub lifetime: Lifetime,
+}
+
+/// A token handed to a caller.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub token: Arc<Token>,
+    /// When a client caching this token should ask again, since the epoch.
+    pub refresh_after: Duration,
+    /// Signed for this request (or for one it joined), not served from cache.
+    pub fresh: bool,
+}
+
+/// A request the cache could not answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error(
+        "no token for identity {identity:?}: signing failed ({reason}) and no cached token is valid long enough"
+    )]
+    Unavailable { identity: Arc<str>, reason: SignFailure },
+}
+
+/// The cache; cheap to clone (all clones share the entries).
+pub struct Cache<S, C> {
+    shared: Arc<Shared<S, C>>,
+}
+
+impl<S, C> Clone for Cache<S, C> {
+    fn clone(&self) -> Self {
+        Cache {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+struct Shared<S, C> {
+    signer: S,
+    clock: C,
+    entries: Mutex<HashMap<Key, Entry>>,
+}
+
+type Outcome = Result<Fresh, SignFailure>;
+
+#[derive(Clone)]
+struct Fresh {
+    token: Arc<Token>,
+    refresh_after: Duration,
+}
+
+struct Entry {
+    current: Option<Cached>,
+    /// The signature in flight for this entry, shared by everyone waiting.
+    signing: Option<watch::Receiver<Option<Outcome>>>,
+    last_used: Instant,
+}
+
+struct Cached {
+    token: Arc<Token>,
+    /// The monotonic instant that corresponds to `iat`.
+    mono_issued_at: Instant,
+    refresh_after: Duration,
+}
+
+impl Cached {
+    /// How long the token stays valid, the lesser of the two clocks' views;
+    /// `None` when it lies too far in the future or has expired.
+    fn remaining(&self, now_wall: Duration, now_mono: Instant) -> Option<Duration> {
+        let issued_at = Duration::from_secs(self.token.issued_at);
+        if issued_at > now_wall + CLOCK_SKEW_ALLOWANCE {
+            return None;
+        }
+        let by_wall = Duration::from_secs(self.token.expires_at).checked_sub(now_wall)?;
+        let by_mono = (self.mono_issued_at + self.token.lifetime()).checked_duration_since(now_mono)?;
+        Some(by_wall.min(by_mono))
+    }
+
+    fn servable(&self, lifetime: Lifetime, min_valid_for: Duration, now: (Duration, Instant)) -> bool {
+        let needed = min_valid_for.max(lifetime.duration() / 10);
+        self.remaining(now.0, now.1).is_some_and(|left| left >= needed)
+    }
+}
+
+impl<S: Signer, C: Clock> Cache<S, C> {
+    pub fn new(signer: S, clock: C) -> Self {
+        Cache {
+            shared: Arc::new(Shared {
+                signer,
+                clock,
+                entries: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// A token for `key` that stays valid for at least `min_valid_for`.
+    /// `caller` is named in the log line of any signature it triggers.
+    pub async fn get(&self, key: &Key, min_valid_for: Duration, caller: Peer) -> Result<Issued, Error> {
+        let mut receiver = {
+            let now = (self.shared.clock.wall(), self.shared.clock.mono());
+            let mut entries = self.shared.lock();
+            if !entries.contains_key(key) {
+                self.make_room(&mut entries, &key.identity, now.1);
+            }
+            let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
+                current: None,
+                signing: None,
+                last_used: now.1,
+            });
+            entry.last_used = now.1;
+            if let Some(cached) = entry.current.as_ref().filter(|c| c.servable(key.lifetime, min_valid_for, now)) {
+                let issued = Issued {
+                    token: cached.token.clone(),
+                    refresh_after: cached.refresh_after,
+                    fresh: false,
+                };
+                if now.0 >= cached.refresh_after && entry.signing.is_none() {
+                    entry.signing = Some(self.start_signing(key.clone(), caller));
+                }
+                return Ok(issued);
+            }
+            entry
+                .signing
+                .get_or_insert_with(|| self.start_signing(key.clone(), caller))
+                .clone()
+        };
+        let outcome = match receiver.wait_for(Option::is_some).await {
+            Ok(outcome) => outcome.clone().unwrap_or_else(|| Err(SignFailure("no outcome".into()))),
+            Err(_) => Err(SignFailure("the signing task ended without a result".into())),
+        };
+        outcome
+            .map(|fresh| Issued {
+                token: fresh.token,
+                refresh_after: fresh.refresh_after,
+                fresh: true,
+            })
+            .map_err(|reason| Error::Unavailable {
+                identity: key.identity.clone(),
+                reason,
+            })
+    }
+
+    /// Drops entries unused for one lifetime. The server calls it now and then.
+    pub fn sweep(&self) {
+        let now = self.shared.clock.mono();
+        self.shared
+            .lock()
+            .retain(|key, entry| !is_stale(key, entry, now));
+    }
+
+    /// Drops every entry of `identity`, e.g. after its key or issuer changed.
+    pub fn forget(&self, identity: &str) {
+        self.shared.lock().retain(|key, _| &*key.identity != identity);
+    }
+
+    /// How many entries the cache holds.
+    pub fn len(&self) -> usize {
+        self.shared.lock().len()
+    }
+
+    /// Whether the cache holds no entries.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Makes room for one more entry of `identity`: evicts its stale
+    /// entries, then its least recently used one while it is at the cap.
+    fn make_room(&self, entries: &mut HashMap<Key, Entry>, identity: &Arc<str>, now: Instant) {
+        entries.retain(|key, entry| key.identity != *identity || !is_stale(key, entry, now));
+        let count = entries.keys().filter(|key| key.identity == *identity).count();
+        if count >= MAX_ENTRIES_PER_IDENTITY {
+            let oldest = entries
+                .iter()
+                .filter(|(key, _)| key.identity == *identity)
+                .min_by_key(|(_, entry)| entry.last_used)
+                .map(|(key, _)| key.clone());
+            if let Some(oldest) = oldest {
+                entries.remove(&oldest);
+            }
+        }
+    }
+
+    /// Starts one signature for `key` in a task of its own, so it completes
+    /// (and refreshes the entry) even if every caller waiting for it leaves.
+    fn start_signing(&self, key: Key, caller: Peer) -> watch::Receiver<Option<Outcome>> {
+        let (sender, receiver) = watch::channel(None);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let started_wall = shared.clock.wall();
+            let started_mono = shared.clock.mono();
+            let issued_at = started_wall.as_secs();
+            let into_second = started_wall - Duration::from_secs(issued_at);
+            let mono_issued_at = started_mono.checked_sub(into_second).unwrap_or(started_mono);
+            let signer = shared.clone();
+            let signing_key = key.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                signer
+                    .signer
+                    .sign(&signing_key.identity, signing_key.lifetime, issued_at)
+            })
+            .await
+            .unwrap_or_else(|_| Err(SignFailure("the signing thread panicked".into())));
+            let outcome = shared.finish(&key, caller, result, mono_issued_at);
+            sender.send_replace(Some(outcome));
+        });
+        receiver
+    }
+}
+
+impl<S, C: Clock> Shared<S, C> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
+        // A panic while holding the lock cannot leave an entry half-written
+        // (every update is a single assignment), so a poisoned map is usable.
+        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stores a finished signature, or on failure keeps the old token and
+    /// schedules a retry.
+    fn finish(
+        &self,
+        key: &Key,
+        caller: Peer,
+        result: Result<Token, SignFailure>,
+        mono_issued_at: Instant,
+    ) -> Outcome {
+        let now_wall = self.clock.wall();
+        let now_mono = self.clock.mono();
+        let mut entries = self.lock();
+        let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
+            current: None,
+            signing: None,
+            last_used: now_mono,
+        });
+        entry.signing = None;
+        match result {
+            Ok(token) => {
+                let token = Arc::new(token);
+                let refresh_after = Duration::from_secs(token.issued_at)
+                    + key.lifetime.duration().mul_f64(refresh_fraction());
+                tracing::info!(
+                    identity = %key.identity,
+                    lifetime_secs = key.lifetime.secs(),
+                    exp = token.expires_at,
+                    key_id = %token.key_id,
+                    uid = caller.uid,
+                    gid = caller.gid,
+                    pid = caller.pid,
+                    "signed new token"
+                );
+                entry.current = Some(Cached {
+                    token: token.clone(),
+                    mono_issued_at,
+                    refresh_after,
+                });
+                Ok(Fresh {
+                    token,
+                    refresh_after,
+                })
+            }
+            Err(failure) => {
+                let remaining = entry
+                    .current
+                    .as_ref()
+                    .and_then(|cached| cached.remaining(now_wall, now_mono));
+                if let (Some(cached), Some(remaining)) = (entry.current.as_mut(), remaining) {
+                    let retry_in = MAX_RETRY_DELAY.min(remaining / 10);
+                    cached.refresh_after = now_wall + retry_in;
+                    tracing::warn!(
+                        identity = %key.identity,
+                        lifetime_secs = key.lifetime.secs(),
+                        error = %failure,
+                        retry_in_secs = retry_in.as_secs_f64(),
+                        "re-signing failed; serving the cached token meanwhile"
+                    );
+                } else {
+                    tracing::error!(
+                        identity = %key.identity,
+                        lifetime_secs = key.lifetime.secs(),
+                        error = %failure,
+                        "signing failed and no cached token is valid"
+                    );
+                }
+                Err(failure)
+            }
+        }
+    }
+}
+
+fn is_stale(key: &Key, entry: &Entry, now: Instant) -> bool {
+    entry.signing.is_none() && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
+}
+
+/// u in [0.45, 0.55), uniform, from the system's CSPRNG.
+fn refresh_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        return 0.5;
+    }
+    let unit = (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64;
+    0.45 + 0.10 * unit
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,550 @@
+//! The agent's configuration: the TOML file, environment and flags resolved
+//! once, before anything binds, into one immutable [`Config`].
+//!
+//! Precedence is flags, then environment (`SKYKIT_AGENT_*`), then the file,
+//! then defaults. Every problem found is reported together, each naming the
+//! file and line (or the flag) and how to fix it.
+
+use std::{
+    collections::HashMap,
+    ffi::OsString,
+    fmt, fs, io,
+    path::{Path, PathBuf},
+};
+
+use toml::{
+    Spanned,
+    de::{DeTable, DeValue},
+};
+
+use crate::{duration, token::Lifetime};
+
+/// Names the config file to read instead of the default.
+pub const ENV_CONFIG: &str = "SKYKIT_AGENT_CONFIG";
+/// Names the agent's socket, for `serve` and every client.
+pub const ENV_SOCKET: &str = "SKYKIT_AGENT_SOCKET";
+/// Set by systemd to the service's runtime directory.
+pub const ENV_RUNTIME_DIRECTORY: &str = "RUNTIME_DIRECTORY";
+/// The per-user runtime directory (`/run/user/UID`).
+pub const ENV_XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
+/// Where root keeps the config and the key.
+pub const SYSTEM_CONFIG_DIR: &str = "/etc/skykit-agent";
+/// Where root's agent listens, and the last place clients look.
+pub const SYSTEM_SOCKET: &str = "/run/skykit-agent/agent.sock";
+/// The socket's folder under `$XDG_RUNTIME_DIR`.
+pub const USER_SOCKET_DIR: &str = "skykit-agent";
+/// The socket's file name in any runtime directory.
+pub const SOCKET_FILE: &str = "agent.sock";
+/// The config file's name in the config dir.
+pub const CONFIG_FILE: &str = "config.toml";
+/// The default key file's name in the config dir.
+pub const KEY_FILE: &str = "private.pem";
+/// The identity that flags alone define.
+pub const DEFAULT_IDENTITY: &str = "default";
+
+/// Reads environment variables; tests pass a map instead of the process's.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<OsString>;
+
+    /// The variable when it is set and not empty.
+    fn non_empty(&self, name: &str) -> Option<OsString> {
+        self.var(name).filter(|value| !value.is_empty())
+    }
+}
+
+/// The real process environment.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<OsString> {
+        std::env::var_os(name)
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn var(&self, name: &str) -> Option<OsString> {
+        self.get(name).map(OsString::from)
+    }
+}
+
+/// The resolved configuration of `serve`, `check` and `pubkey`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The config file that was read, if any.
+    pub file: Option<PathBuf>,
+    /// Where the agent listens.
+    pub socket: PathBuf,
+    /// Invariant: not empty, names unique, exactly one marked default.
+    pub identities: Vec<IdentityConfig>,
+}
+
+/// One `[[identity]]`: an issuer and the key that signs for it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdentityConfig {
+    pub name: String,
+    pub issuer: String,
+    pub key: PathBuf,
+    pub lifetime: Lifetime,
+    pub default: bool,
+    pub allow_insecure_key_permissions: bool,
+}
+
+impl Config {
+    /// The identity an empty `identity` in a request means.
+    pub fn default_identity(&self) -> &IdentityConfig {
+        self.identities
+            .iter()
+            .find(|identity| identity.default)
+            .unwrap_or(&self.identities[0])
+    }
+}
+
+/// What the command line says; `None` leaves the choice to env and file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub config: Option<PathBuf>,
+    pub socket: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub lifetime: Option<Lifetime>,
+}
+
+/// Facts about the process that decide the defaults.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The effective uid: root gets system-wide paths.
+    pub euid: u32,
+    /// Where the config file and the default key live.
+    pub config_dir: PathBuf,
+}
+
+impl Context {
+    /// The current process: `/etc/skykit-agent` for root, else the user's
+    /// config dir (`~/.config/skykit-agent`).
+    pub fn current() -> Self {
+        let euid = rustix::process::geteuid().as_raw();
+        Context {
+            euid,
+            config_dir: default_config_dir(euid),
+        }
+    }
+}
+
+/// The config dir for `euid`.
+pub fn default_config_dir(euid: u32) -> PathBuf {
+    if euid == 0 {
+        return PathBuf::from(SYSTEM_CONFIG_DIR);
+    }
+    directories::ProjectDirs::from("", "", "skykit-agent")
+        .map(|dirs| dirs.config_dir().to_owned())
+        .unwrap_or_else(|| PathBuf::from(SYSTEM_CONFIG_DIR))
+}
+
+/// Every problem with the configuration, reported together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Problems(pub Vec<String>);
+
+impl fmt::Display for Problems {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "invalid configuration: {one}"),
+            many => {
+                write!(f, "invalid configuration ({} problems):", many.len())?;
+                for problem in many {
+                    write!(f, "\n  {problem}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for Problems {}
+
+/// Resolves the configuration from flags, environment and file.
+pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<Config, Problems> {
+    let mut problems = Vec::new();
+    let file = config_file(overrides, env, context, &mut problems);
+    let (socket_in_file, mut identities) = match &file {
+        Some((path, text)) => parse_file(path, text, &mut problems),
+        None => (None, Vec::new()),
+    };
+    apply_overrides(overrides, context, &mut identities, &mut problems);
+    let socket = socket_path(overrides, env, context, socket_in_file, &mut problems);
+    match socket {
+        Some(socket) if problems.is_empty() => Ok(Config {
+            file: file.map(|(path, _)| path),
+            socket,
+            identities,
+        }),
+        _ => Err(Problems(problems)),
+    }
+}
+
+/// The file to read and its text. A missing file named by `--config` or the
+/// environment is a problem; a missing default file is not.
+fn config_file(
+    overrides: &Overrides,
+    env: &dyn Env,
+    context: &Context,
+    problems: &mut Vec<String>,
+) -> Option<(PathBuf, String)> {
+    let (path, named_by) = if let Some(path) = &overrides.config {
+        (path.clone(), Some("--config"))
+    } else if let Some(path) = env.non_empty(ENV_CONFIG) {
+        (PathBuf::from(path), Some(ENV_CONFIG))
+    } else {
+        (context.config_dir.join(CONFIG_FILE), None)
+    };
+    match fs::read_to_string(&path) {
+        Ok(text) => Some((path, text)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound && named_by.is_none() => None,
+        Err(error) => {
+            let named_by = named_by.map(|by| format!(" (named by {by})")).unwrap_or_default();
+            let reason = match error.kind() {
+                io::ErrorKind::NotFound => "it does not exist; check the path".to_owned(),
+                _ => error.to_string(),
+            };
+            problems.push(format!(
+                "cannot read config file {}{named_by}: {reason}",
+                path.display()
+            ));
+            None
+        }
+    }
+}
+
+/// An `[[identity]]` as written, with the line it starts on.
+struct RawIdentity {
+    line: usize,
+    identity: IdentityConfig,
+}
+
+fn parse_file(
+    path: &Path,
+    text: &str,
+    problems: &mut Vec<String>,
+) -> (Option<PathBuf>, Vec<IdentityConfig>) {
+    let at = |span: std::ops::Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
+    let (document, syntax_errors) = DeTable::parse_recoverable(text);
+    for error in syntax_errors {
+        let line = error.span().map_or(1, |span| line_of(text, span.start));
+        problems.push(format!(
+            "{}:{line}: {}",
+            path.display(),
+            error.message().trim_end()
+        ));
+    }
+    let base = path.parent().unwrap_or(Path::new("."));
+    let mut socket = None;
+    let mut raw = Vec::new();
+    for (key, value) in document.get_ref() {
+        let here = at(key.span());
+        match key.get_ref().as_ref() {
+            "socket" => {
+                if let Some(text) = expect_str(value, &here, "socket", problems) {
+                    socket = Some(base.join(text));
+                }
+            }
+            "identity" => match value.get_ref() {
+                DeValue::Array(tables) => {
+                    for table in tables.iter() {
+                        let here = at(table.span());
+                        match table.get_ref() {
+                            DeValue::Table(fields) => {
+                                if let Some(identity) = parse_identity(fields, base, &at, &here, problems) {
+                                    raw.push(RawIdentity {
+                                        line: line_of(text, table.span().start),
+                                        identity,
+                                    });
+                                }
+                            }
+                            _ => problems.push(format!("{here}: each `identity` must be a table: write [[identity]] sections")),
+                        }
+                    }
+                }
+                _ => problems.push(format!(
+                    "{here}: `identity` must be an array of tables: write [[identity]], not [identity]"
+                )),
+            },
+            other => problems.push(format!(
+                "{here}: unknown key `{other}`; expected one of: socket, identity"
+            )),
+        }
+    }
+    check_duplicates(path, &raw, problems);
+    let single = raw.len() == 1;
+    let identities = raw
+        .into_iter()
+        .map(|mut raw| {
+            // One identity is the default whether or not it says so.
+            raw.identity.default |= single;
+            raw.identity
+        })
+        .collect();
+    (socket, identities)
+}
+
+const IDENTITY_KEYS: &str = "name, issuer, key, lifetime, default, allow_insecure_key_permissions";
+
+fn parse_identity(
+    fields: &DeTable<'_>,
+    base: &Path,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+    here: &str,
+    problems: &mut Vec<String>,
+) -> Option<IdentityConfig> {
+    let before = problems.len();
+    let mut name = None;
+    let mut issuer = None;
+    let mut key = None;
+    let mut lifetime = Lifetime::MAX;
+    let mut default = false;
+    let mut allow_insecure = false;
+    for (field, value) in fields {
+        let where_ = at(field.span());
+        match field.get_ref().as_ref() {
+            "name" => name = expect_str(value, &where_, "name", problems).map(str::to_owned),
+            "issuer" => issuer = expect_str(value, &where_, "issuer", problems).map(str::to_owned),
+            "key" => key = expect_str(value, &where_, "key", problems).map(|text| base.join(text)),
+            "lifetime" => {
+                if let Some(text) = expect_str(value, &where_, "lifetime", problems) {
+                    match parse_lifetime(text) {
+                        Ok(parsed) => lifetime = parsed,
+                        Err(error) => problems.push(format!("{where_}: `lifetime`: {error}")),
+                    }
+                }
+            }
+            "default" => default = expect_bool(value, &where_, "default", problems).unwrap_or(false),
+            "allow_insecure_key_permissions" => {
+                allow_insecure =
+                    expect_bool(value, &where_, "allow_insecure_key_permissions", problems).unwrap_or(false)
+            }
+            other => problems.push(format!(
+                "{where_}: unknown key `{other}` in [[identity]]; expected one of: {IDENTITY_KEYS}"
+            )),
+        }
+    }
+    let name = name.unwrap_or_else(|| DEFAULT_IDENTITY.to_owned());
+    if let Err(problem) = check_name(&name) {
+        problems.push(format!("{here}: {problem}"));
+    }
+    match &issuer {
+        None => problems.push(format!(
+            "{here}: [[identity]] {name:?} has no `issuer`: add issuer = \"you@example.com\", the email your public key is registered with"
+        )),
+        Some(issuer) => {
+            if let Err(problem) = check_issuer(issuer) {
+                problems.push(format!("{here}: {problem}"));
+            }
+        }
+    }
+    let key = key.unwrap_or_else(|| base.join(KEY_FILE));
+    (problems.len() == before).then(|| IdentityConfig {
+        name,
+        issuer: issuer.unwrap_or_default(),
+        key,
+        lifetime,
+        default,
+        allow_insecure_key_permissions: allow_insecure,
+    })
+}
+
+fn check_duplicates(path: &Path, raw: &[RawIdentity], problems: &mut Vec<String>) {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for identity in raw {
+        if let Some(first) = seen.insert(&identity.identity.name, identity.line) {
+            problems.push(format!(
+                "{}:{}: identity name {:?} is already used at line {first}: give each [[identity]] a unique name",
+                path.display(),
+                identity.line,
+                identity.identity.name
+            ));
+        }
+    }
+    let defaults: Vec<String> = raw
+        .iter()
+        .filter(|identity| identity.identity.default)
+        .map(|identity| format!("{:?} (line {})", identity.identity.name, identity.line))
+        .collect();
+    if defaults.len() > 1 {
+        problems.push(format!(
+            "{}: several identities say default = true: {}; mark exactly one",
+            path.display(),
+            defaults.join(", ")
+        ));
+    } else if defaults.is_empty() && raw.len() > 1 {
+        problems.push(format!(
+            "{}: {} identities and none says default = true: mark the one an empty request means",
+            path.display(),
+            raw.len()
+        ));
+    }
+}
+
+/// `--key`, `--issuer` and `--lifetime` change the default identity, or
+/// define the `default` identity when the file defines none.
+fn apply_overrides(
+    overrides: &Overrides,
+    context: &Context,
+    identities: &mut Vec<IdentityConfig>,
+    problems: &mut Vec<String>,
+) {
+    if let Some(issuer) = &overrides.issuer {
+        if let Err(problem) = check_issuer(issuer) {
+            problems.push(format!("--issuer: {problem}"));
+        }
+    }
+    if let Some(identity) = identities.iter_mut().find(|identity| identity.default) {
+        if let Some(issuer) = &overrides.issuer {
+            identity.issuer = issuer.clone();
+        }
+        if let Some(key) = &overrides.key {
+            identity.key = key.clone();
+        }
+        if let Some(lifetime) = overrides.lifetime {
+            identity.lifetime = lifetime;
+        }
+        return;
+    }
+    if !identities.is_empty() {
+        return;
+    }
+    match &overrides.issuer {
+        Some(issuer) => identities.push(IdentityConfig {
+            name: DEFAULT_IDENTITY.to_owned(),
+            issuer: issuer.clone(),
+            key: overrides
+                .key
+                .clone()
+                .unwrap_or_else(|| context.config_dir.join(KEY_FILE)),
+            lifetime: overrides.lifetime.unwrap_or(Lifetime::MAX),
+            default: true,
+            allow_insecure_key_permissions: false,
+        }),
+        None => problems.push(format!(
+            "no identity is configured: pass --issuer EMAIL (the email your public key is registered with), or write an [[identity]] in {}",
+            overrides
+                .config
+                .clone()
+                .unwrap_or_else(|| context.config_dir.join(CONFIG_FILE))
+                .display()
+        )),
+    }
+}
+
+/// Where `serve` binds: `--socket`, `$SKYKIT_AGENT_SOCKET`, `socket` in the
+/// file, `$RUNTIME_DIRECTORY/agent.sock`, the system path for root, else
+/// `$XDG_RUNTIME_DIR/skykit-agent/agent.sock`.
+fn socket_path(
+    overrides: &Overrides,
+    env: &dyn Env,
+    context: &Context,
+    in_file: Option<PathBuf>,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    if let Some(path) = &overrides.socket {
+        return Some(path.clone());
+    }
+    if let Some(path) = env.non_empty(ENV_SOCKET) {
+        return Some(PathBuf::from(path));
+    }
+    if in_file.is_some() {
+        return in_file;
+    }
+    if let Some(dirs) = env.non_empty(ENV_RUNTIME_DIRECTORY) {
+        // systemd separates several runtime directories with colons.
+        let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        return Some(Path::new(&first).join(SOCKET_FILE));
+    }
+    if context.euid == 0 {
+        return Some(PathBuf::from(SYSTEM_SOCKET));
+    }
+    if let Some(dir) = env.non_empty(ENV_XDG_RUNTIME_DIR) {
+        return Some(Path::new(&dir).join(USER_SOCKET_DIR).join(SOCKET_FILE));
+    }
+    problems.push(format!(
+        "no socket path: pass --socket PATH, or set {ENV_SOCKET}, `socket` in the config, or {ENV_XDG_RUNTIME_DIR}"
+    ));
+    None
+}
+
+/// A lifetime as written in the config or on the command line.
+pub fn parse_lifetime(text: &str) -> Result<Lifetime, String> {
+    let parsed = duration::parse(text).map_err(|error| error.to_string())?;
+    Lifetime::from_secs(parsed.as_secs() as i64).map_err(|error| error.to_string())
+}
+
+fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "identity name {name:?} is not allowed: use 1 to 64 of a-z, 0-9, '-' and '_'"
+        ))
+    }
+}
+
+fn check_issuer(issuer: &str) -> Result<(), String> {
+    let looks_like_email = issuer
+        .split_once('@')
+        .is_some_and(|(local, domain)| !local.is_empty() && !domain.is_empty())
+        && !issuer.chars().any(|c| c.is_whitespace() || c.is_control());
+    if looks_like_email {
+        Ok(())
+    } else {
+        Err(format!(
+            "issuer {issuer:?} is not an email address: use the email your public key is registered with at Skykit"
+        ))
+    }
+}
+
+fn expect_str<'a>(
+    value: &'a Spanned<DeValue<'_>>,
+    here: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<&'a str> {
+    match value.get_ref() {
+        DeValue::String(text) => Some(text.as_ref()),
+        other => {
+            problems.push(format!("{here}: `{name}` must be a string, not {}", other.type_str()));
+            None
+        }
+    }
+}
+
+fn expect_bool(
+    value: &Spanned<DeValue<'_>>,
+    here: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<bool> {
+    match value.get_ref() {
+        DeValue::Boolean(flag) => Some(*flag),
+        other => {
+            problems.push(format!(
+                "{here}: `{name}` must be true or false, not {}",
+                other.type_str()
+            ));
+            None
+        }
+    }
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|&&byte| byte == b'\n')
+        .count()
+        + 1
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+//! The gRPC service on the Unix socket: request validation, the mapping of
+//! errors to gRPC status codes, and serving until shutdown with a bounded
+//! drain.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use prost_types::Timestamp;
+use tokio::{net::UnixListener, sync::oneshot};
+use tonic::{Request, Response, Status, transport::Server};
+
+use crate::{
+    cache::{self, Cache, Issued, SystemClock},
+    identity::Registry,
+    peer::{Incoming, Peer},
+    proto::{
+        GetTokenRequest, GetTokenResponse,
+        token_service_server::{TokenService, TokenServiceServer},
+    },
+    token::{LimitError, Lifetime},
+};
+
+/// How often entries unused for a lifetime are dropped from the cache.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The cache as the server uses it: real clocks, keys from the registry.
+pub type AgentCache = Cache<Arc<Registry>, SystemClock>;
+
+/// The `skykit.agent.v1.TokenService` implementation.
+#[derive(Clone)]
+pub struct Service {
+    registry: Arc<Registry>,
+    cache: AgentCache,
+}
+
+impl Service {
+    pub fn new(registry: Arc<Registry>) -> Self {
+        let cache = Cache::new(registry.clone(), SystemClock);
+        Service { registry, cache }
+    }
+
+    /// The cache, for status reporting and sweeping.
+    pub fn cache(&self) -> &AgentCache {
+        &self.cache
+    }
+}
+
+#[tonic::async_trait]
+impl TokenService for Service {
+    async fn get_token(
+        &self,
+        request: Request<GetTokenRequest>,
+    ) -> Result<Response<GetTokenResponse>, Status> {
+        let caller = request.extensions().get::<Peer>().copied().unwrap_or(Peer::UNKNOWN);
+        let request = request.into_inner();
+        let identities = self.registry.current();
+        let identity = identities.resolve(&request.identity).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown identity {:?}: use a name from the agent's [[identity]] config, or leave it empty for the default",
+                request.identity
+            ))
+        })?;
+        let lifetime = match request.lifetime {
+            None => identity.lifetime,
+            Some(lifetime) => {
+                Lifetime::from_secs(whole_seconds("lifetime", &lifetime)?).map_err(invalid)?
+            }
+        };
+        let min_valid_for = match request.min_valid_for {
+            None => Duration::ZERO,
+            Some(min_valid_for) => lifetime
+                .check_min_valid_for(whole_seconds("min_valid_for", &min_valid_for)?)
+                .map_err(invalid)?,
+        };
+        let key = cache::Key {
+            identity: identity.name.clone(),
+            lifetime,
+        };
+        let issued = self
+            .cache
+            .get(&key, min_valid_for, caller)
+            .await
+            .map_err(|error| Status::unavailable(error.to_string()))?;
+        tracing::debug!(
+            identity = %identity.name,
+            lifetime_secs = lifetime.secs(),
+            uid = caller.uid,
+            fresh = issued.fresh,
+            "served token"
+        );
+        Ok(Response::new(response(&issued, &identity.name)))
+    }
+}
+
+fn response(issued: &Issued, identity: &str) -> GetTokenResponse {
+    let token = &issued.token;
+    GetTokenResponse {
+        token: token.jws.to_string(),
+        issued_at: Some(seconds(token.issued_at)),
+        expires_at: Some(seconds(token.expires_at)),
+        refresh_after: Some(Timestamp {
+            seconds: issued.refresh_after.as_secs() as i64,
+            nanos: issued.refresh_after.subsec_nanos() as i32,
+        }),
+        issuer: token.issuer.to_string(),
+        identity: identity.to_owned(),
+        key_id: token.key_id.to_string(),
+    }
+}
+
+fn seconds(since_epoch: u64) -> Timestamp {
+    Timestamp {
+        seconds: since_epoch as i64,
+        nanos: 0,
+    }
+}
+
+/// Tokens count in whole seconds, so fractions are refused rather than
+/// silently rounded.
+fn whole_seconds(field: &str, duration: &prost_types::Duration) -> Result<i64, Status> {
+    if duration.nanos != 0 {
+        return Err(Status::invalid_argument(format!(
+            "{field} must be whole seconds, but has {} nanoseconds",
+            duration.nanos
+        )));
+    }
+    Ok(duration.seconds)
+}
+
+fn invalid(error: LimitError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting and
+/// lets calls in flight finish for at most `grace`.
+pub async fn run(
+    listener: UnixListener,
+    service: Service,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) -> Result<(), tonic::transport::Error> {
+    let (draining, drain_started) = oneshot::channel();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(grace_secs = grace.as_secs_f64(), "stopped accepting; draining calls in flight");
+        let _ = draining.send(());
+    };
+    let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));
+    let server = Server::builder()
+        .add_service(TokenServiceServer::new(service))
+        .serve_with_incoming_shutdown(Incoming::new(listener), signal);
+    let result = tokio::select! {
+        biased;
+        result = server => result,
+        () = drain_deadline(drain_started, grace) => {
+            tracing::warn!(grace_secs = grace.as_secs_f64(), "drain deadline passed; closing the connections still open");
+            Ok(())
+        }
+    };
+    sweeper.abort();
+    result
+}
+
+async fn drain_deadline(drain_started: oneshot::Receiver<()>, grace: Duration) {
+    if drain_started.await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(grace).await;
+}
+
+async fn sweep_periodically(cache: AgentCache) {
+    let mut interval = tokio::time::interval(SWEEP_INTERVAL);
+    loop {
+        interval.tick().await;
+        cache.sweep();
+    }
+}
