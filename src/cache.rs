@@ -66,8 +66,12 @@ impl Clock for SystemClock {
 
 /// Makes tokens. Called on a blocking thread, never on the async reactor.
 pub trait Signer: Send + Sync + 'static {
-    fn sign(&self, identity: &str, lifetime: Lifetime, issued_at: u64)
-    -> Result<Token, SignFailure>;
+    fn sign(
+        &self,
+        identity: &str,
+        lifetime: Lifetime,
+        issued_at: u64,
+    ) -> Result<Token, SignFailure>;
 }
 
 impl<T: Signer> Signer for Arc<T> {
@@ -109,7 +113,10 @@ pub enum Error {
     #[error(
         "no token for identity {identity:?}: signing failed ({reason}) and no cached token is valid long enough"
     )]
-    Unavailable { identity: Arc<str>, reason: SignFailure },
+    Unavailable {
+        identity: Arc<str>,
+        reason: SignFailure,
+    },
 }
 
 /// The cache; cheap to clone (all clones share the entries).
@@ -162,13 +169,20 @@ impl Cached {
             return None;
         }
         let by_wall = Duration::from_secs(self.token.expires_at).checked_sub(now_wall)?;
-        let by_mono = (self.mono_issued_at + self.token.lifetime()).checked_duration_since(now_mono)?;
+        let by_mono =
+            (self.mono_issued_at + self.token.lifetime()).checked_duration_since(now_mono)?;
         Some(by_wall.min(by_mono))
     }
 
-    fn servable(&self, lifetime: Lifetime, min_valid_for: Duration, now: (Duration, Instant)) -> bool {
+    fn servable(
+        &self,
+        lifetime: Lifetime,
+        min_valid_for: Duration,
+        now: (Duration, Instant),
+    ) -> bool {
         let needed = min_valid_for.max(lifetime.duration() / 10);
-        self.remaining(now.0, now.1).is_some_and(|left| left >= needed)
+        self.remaining(now.0, now.1)
+            .is_some_and(|left| left >= needed)
     }
 }
 
@@ -185,7 +199,12 @@ impl<S: Signer, C: Clock> Cache<S, C> {
 
     /// A token for `key` that stays valid for at least `min_valid_for`.
     /// `caller` is named in the log line of any signature it triggers.
-    pub async fn get(&self, key: &Key, min_valid_for: Duration, caller: Peer) -> Result<Issued, Error> {
+    pub async fn get(
+        &self,
+        key: &Key,
+        min_valid_for: Duration,
+        caller: Peer,
+    ) -> Result<Issued, Error> {
         let mut receiver = {
             let now = (self.shared.clock.wall(), self.shared.clock.mono());
             let mut entries = self.shared.lock();
@@ -198,7 +217,11 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 last_used: now.1,
             });
             entry.last_used = now.1;
-            if let Some(cached) = entry.current.as_ref().filter(|c| c.servable(key.lifetime, min_valid_for, now)) {
+            if let Some(cached) = entry
+                .current
+                .as_ref()
+                .filter(|c| c.servable(key.lifetime, min_valid_for, now))
+            {
                 let issued = Issued {
                     token: cached.token.clone(),
                     refresh_after: cached.refresh_after,
@@ -215,8 +238,12 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 .clone()
         };
         let outcome = match receiver.wait_for(Option::is_some).await {
-            Ok(outcome) => outcome.clone().unwrap_or_else(|| Err(SignFailure("no outcome".into()))),
-            Err(_) => Err(SignFailure("the signing task ended without a result".into())),
+            Ok(outcome) => outcome
+                .clone()
+                .unwrap_or_else(|| Err(SignFailure("no outcome".into()))),
+            Err(_) => Err(SignFailure(
+                "the signing task ended without a result".into(),
+            )),
         };
         outcome
             .map(|fresh| Issued {
@@ -240,7 +267,9 @@ impl<S: Signer, C: Clock> Cache<S, C> {
 
     /// Drops every entry of `identity`, e.g. after its key or issuer changed.
     pub fn forget(&self, identity: &str) {
-        self.shared.lock().retain(|key, _| &*key.identity != identity);
+        self.shared
+            .lock()
+            .retain(|key, _| &*key.identity != identity);
     }
 
     /// How many entries the cache holds.
@@ -257,7 +286,10 @@ impl<S: Signer, C: Clock> Cache<S, C> {
     /// entries, then its least recently used one while it is at the cap.
     fn make_room(&self, entries: &mut HashMap<Key, Entry>, identity: &Arc<str>, now: Instant) {
         entries.retain(|key, entry| key.identity != *identity || !is_stale(key, entry, now));
-        let count = entries.keys().filter(|key| key.identity == *identity).count();
+        let count = entries
+            .keys()
+            .filter(|key| key.identity == *identity)
+            .count();
         if count >= MAX_ENTRIES_PER_IDENTITY {
             let oldest = entries
                 .iter()
@@ -280,7 +312,9 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             let started_mono = shared.clock.mono();
             let issued_at = started_wall.as_secs();
             let into_second = started_wall - Duration::from_secs(issued_at);
-            let mono_issued_at = started_mono.checked_sub(into_second).unwrap_or(started_mono);
+            let mono_issued_at = started_mono
+                .checked_sub(into_second)
+                .unwrap_or(started_mono);
             let signer = shared.clone();
             let signing_key = key.clone();
             let result = tokio::task::spawn_blocking(move || {
@@ -301,7 +335,9 @@ impl<S, C: Clock> Shared<S, C> {
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
         // A panic while holding the lock cannot leave an entry half-written
         // (every update is a single assignment), so a poisoned map is usable.
-        self.entries.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.entries
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Stores a finished signature, or on failure keeps the old token and
@@ -377,7 +413,8 @@ impl<S, C: Clock> Shared<S, C> {
 }
 
 fn is_stale(key: &Key, entry: &Entry, now: Instant) -> bool {
-    entry.signing.is_none() && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
+    entry.signing.is_none()
+        && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
 }
 
 /// u in [0.45, 0.55), uniform, from the system's CSPRNG.

@@ -212,7 +212,8 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         issuer: args.issuer,
         lifetime: args.lifetime,
     };
-    let config = config::load(&overrides, &ProcessEnv, &context).map_err(|problems| Failure::new(Exit::Config, problems))?;
+    let config = config::load(&overrides, &ProcessEnv, &context)
+        .map_err(|problems| Failure::new(Exit::Config, problems))?;
     if args.generate_key_if_missing {
         generate_missing_keys(&config)?;
     }
@@ -230,10 +231,18 @@ async fn serve_on_runtime(config: Config, identities: Identities) -> Result<(), 
     let listener = bound
         .take_listener()
         .ok_or_else(|| anyhow!("the socket was already handed out"))?;
-    let listener = tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
+    let listener =
+        tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
     let summary: Vec<String> = identities
         .iter()
-        .map(|identity| format!("{} (iss {}, key_id {})", identity.name, identity.issuer, identity.key.key_id()))
+        .map(|identity| {
+            format!(
+                "{} (iss {}, key_id {})",
+                identity.name,
+                identity.issuer,
+                identity.key.key_id()
+            )
+        })
         .collect();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -263,19 +272,25 @@ fn generate_missing_keys(config: &Config) -> Result<(), Failure> {
             continue;
         }
         let dir = identity.key.parent().unwrap_or(Path::new("."));
-        key::create_private_dir(dir).with_context(|| format!("cannot create key folder {}", dir.display()))?;
+        key::create_private_dir(dir)
+            .with_context(|| format!("cannot create key folder {}", dir.display()))?;
         let key = SigningKey::generate(Bits::Rsa2048)?;
         key.write_private_pem(&identity.key)
             .with_context(|| format!("cannot write {}", identity.key.display()))?;
         let public = dir.join("public.pem");
-        let public_written = !public.exists() && std::fs::write(&public, key.public_key_pem()).is_ok();
+        let public_written =
+            !public.exists() && std::fs::write(&public, key.public_key_pem()).is_ok();
         let mut out = io::stdout().lock();
         let _ = writeln!(
             out,
             "Created a new key for identity {:?}: {}{}\n\n{}key_id: {}\n\n{}",
             identity.name,
             identity.key.display(),
-            if public_written { format!(" (public key: {})", public.display()) } else { String::new() },
+            if public_written {
+                format!(" (public key: {})", public.display())
+            } else {
+                String::new()
+            },
             key.public_key_pem(),
             key.key_id(),
             register_hint(&identity.issuer),
@@ -328,10 +343,20 @@ fn proto_duration(duration: Duration) -> prost_types::Duration {
 fn status_failure(status: tonic::Status) -> Failure {
     use tonic::Code;
     let exit = match status.code() {
-        Code::NotFound | Code::InvalidArgument | Code::PermissionDenied | Code::ResourceExhausted => Exit::Refused,
+        Code::NotFound
+        | Code::InvalidArgument
+        | Code::PermissionDenied
+        | Code::ResourceExhausted => Exit::Refused,
         _ => Exit::Failure,
     };
-    Failure::new(exit, anyhow!("the agent answered {:?}: {}", status.code(), status.message()))
+    Failure::new(
+        exit,
+        anyhow!(
+            "the agent answered {:?}: {}",
+            status.code(),
+            status.message()
+        ),
+    )
 }
 
 /// The proto3 JSON mapping of the response: lowerCamelCase names and
@@ -389,7 +414,8 @@ fn keygen(args: KeygenArgs) -> Result<(), Failure> {
     let key = SigningKey::generate(args.bits)?;
     key.write_private_pem(&private)
         .with_context(|| format!("cannot write {}", private.display()))?;
-    std::fs::write(&public, key.public_key_pem()).with_context(|| format!("cannot write {}", public.display()))?;
+    std::fs::write(&public, key.public_key_pem())
+        .with_context(|| format!("cannot write {}", public.display()))?;
     print_line(&format!(
         "Wrote {} (mode 0600: keep it secret) and {}.\n\n{}key_id: {}\n\n{}\nThen run: skykit-agent serve --issuer YOUR_EMAIL --key {}",
         private.display(),
@@ -407,7 +433,8 @@ fn pubkey(args: PubkeyArgs) -> Result<(), Failure> {
         Some(path) => (path, LoadOptions::default()),
         None => pubkey_config_key(args.config, args.identity.as_deref(), &context)?,
     };
-    let key = SigningKey::load(&path, options).map_err(|error| Failure::new(Exit::Failure, error))?;
+    let key =
+        SigningKey::load(&path, options).map_err(|error| Failure::new(Exit::Failure, error))?;
     print_line(&format!("{}key_id: {}", key.public_key_pem(), key.key_id()))
 }
 
@@ -426,7 +453,10 @@ fn pubkey_config_key(
                 anyhow!("--identity {name:?} needs a config file: pass --config FILE"),
             ));
         }
-        return Ok((context.config_dir.join(config::KEY_FILE), LoadOptions::default()));
+        return Ok((
+            context.config_dir.join(config::KEY_FILE),
+            LoadOptions::default(),
+        ));
     }
     // Only identities matter here, so any socket will do.
     let overrides = Overrides {
@@ -434,7 +464,8 @@ fn pubkey_config_key(
         socket: Some(PathBuf::from(config::SYSTEM_SOCKET)),
         ..Overrides::default()
     };
-    let config = config::load(&overrides, &ProcessEnv, context).map_err(|problems| Failure::new(Exit::Config, problems))?;
+    let config = config::load(&overrides, &ProcessEnv, context)
+        .map_err(|problems| Failure::new(Exit::Config, problems))?;
     let chosen = match identity {
         None => config.default_identity(),
         Some(name) => config
@@ -445,7 +476,10 @@ fn pubkey_config_key(
                 let names: Vec<&str> = config.identities.iter().map(|i| i.name.as_str()).collect();
                 Failure::new(
                     Exit::Failure,
-                    anyhow!("no identity {name:?} in the config; it has: {}", names.join(", ")),
+                    anyhow!(
+                        "no identity {name:?} in the config; it has: {}",
+                        names.join(", ")
+                    ),
                 )
             })?,
     };

@@ -170,7 +170,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn paths(explicit: Option<&str>, pairs: &[(&str, &str)]) -> Vec<(String, &'static str)> {
@@ -182,11 +185,23 @@ mod tests {
 
     #[test]
     fn discovery_follows_the_shared_rule() {
-        let all = [("SKYKIT_AGENT_SOCKET", "/e.sock"), ("XDG_RUNTIME_DIR", "/x")];
-        assert_eq!(paths(Some("/a.sock"), &all), [("/a.sock".into(), "--socket")]);
-        assert_eq!(paths(None, &all), [("/e.sock".into(), "$SKYKIT_AGENT_SOCKET")]);
+        let all = [
+            ("SKYKIT_AGENT_SOCKET", "/e.sock"),
+            ("XDG_RUNTIME_DIR", "/x"),
+        ];
         assert_eq!(
-            paths(None, &[("XDG_RUNTIME_DIR", "/x"), ("SKYKIT_AGENT_SOCKET", "")]),
+            paths(Some("/a.sock"), &all),
+            [("/a.sock".into(), "--socket")]
+        );
+        assert_eq!(
+            paths(None, &all),
+            [("/e.sock".into(), "$SKYKIT_AGENT_SOCKET")]
+        );
+        assert_eq!(
+            paths(
+                None,
+                &[("XDG_RUNTIME_DIR", "/x"), ("SKYKIT_AGENT_SOCKET", "")]
+            ),
             [
                 ("/x/skykit-agent/agent.sock".into(), "$XDG_RUNTIME_DIR"),
                 ("/run/skykit-agent/agent.sock".into(), "system default"),

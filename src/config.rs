@@ -201,7 +201,9 @@ fn config_file(
         Ok(text) => Some((path, text)),
         Err(error) if error.kind() == io::ErrorKind::NotFound && named_by.is_none() => None,
         Err(error) => {
-            let named_by = named_by.map(|by| format!(" (named by {by})")).unwrap_or_default();
+            let named_by = named_by
+                .map(|by| format!(" (named by {by})"))
+                .unwrap_or_default();
             let reason = match error.kind() {
                 io::ErrorKind::NotFound => "it does not exist; check the path".to_owned(),
                 _ => error.to_string(),
@@ -226,7 +228,8 @@ fn parse_file(
     text: &str,
     problems: &mut Vec<String>,
 ) -> (Option<PathBuf>, Vec<IdentityConfig>) {
-    let at = |span: std::ops::Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
+    let at =
+        |span: std::ops::Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
     let (document, syntax_errors) = DeTable::parse_recoverable(text);
     for error in syntax_errors {
         let line = error.span().map_or(1, |span| line_of(text, span.start));
@@ -316,10 +319,13 @@ fn parse_identity(
                     }
                 }
             }
-            "default" => default = expect_bool(value, &where_, "default", problems).unwrap_or(false),
+            "default" => {
+                default = expect_bool(value, &where_, "default", problems).unwrap_or(false)
+            }
             "allow_insecure_key_permissions" => {
                 allow_insecure =
-                    expect_bool(value, &where_, "allow_insecure_key_permissions", problems).unwrap_or(false)
+                    expect_bool(value, &where_, "allow_insecure_key_permissions", problems)
+                        .unwrap_or(false)
             }
             other => problems.push(format!(
                 "{where_}: unknown key `{other}` in [[identity]]; expected one of: {IDENTITY_KEYS}"
@@ -391,10 +397,8 @@ fn apply_overrides(
     identities: &mut Vec<IdentityConfig>,
     problems: &mut Vec<String>,
 ) {
-    if let Some(issuer) = &overrides.issuer {
-        if let Err(problem) = check_issuer(issuer) {
-            problems.push(format!("--issuer: {problem}"));
-        }
+    if let Some(Err(problem)) = overrides.issuer.as_deref().map(check_issuer) {
+        problems.push(format!("--issuer: {problem}"));
     }
     if let Some(identity) = identities.iter_mut().find(|identity| identity.default) {
         if let Some(issuer) = &overrides.issuer {
@@ -455,7 +459,12 @@ fn socket_path(
     }
     if let Some(dirs) = env.non_empty(ENV_RUNTIME_DIRECTORY) {
         // systemd separates several runtime directories with colons.
-        let first = dirs.to_string_lossy().split(':').next().unwrap_or_default().to_owned();
+        let first = dirs
+            .to_string_lossy()
+            .split(':')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
         return Some(Path::new(&first).join(SOCKET_FILE));
     }
     if context.euid == 0 {
@@ -479,9 +488,9 @@ pub fn parse_lifetime(text: &str) -> Result<Lifetime, String> {
 fn check_name(name: &str) -> Result<(), String> {
     let valid = !name.is_empty()
         && name.len() <= 64
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_');
+        && name.bytes().all(|byte| {
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_'
+        });
     if valid {
         Ok(())
     } else {
@@ -514,7 +523,10 @@ fn expect_str<'a>(
     match value.get_ref() {
         DeValue::String(text) => Some(text.as_ref()),
         other => {
-            problems.push(format!("{here}: `{name}` must be a string, not {}", other.type_str()));
+            problems.push(format!(
+                "{here}: `{name}` must be a string, not {}",
+                other.type_str()
+            ));
             None
         }
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 
 /// Why a duration string was rejected; the message quotes the input.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid duration {input:?}: expected a whole number with a unit s, m or h, such as 90s, 10m or 1h")]
+#[error(
+    "invalid duration {input:?}: expected a whole number with a unit s, m or h, such as 90s, 10m or 1h"
+)]
 pub struct ParseError {
     input: String,
 }
@@ -75,9 +77,22 @@ mod tests {
 
     #[test]
     fn rejects_what_is_not_a_duration() {
-        for text in ["", "60", "s", "1d", "1.5h", "-5s", "1h 30m", "99999999999s", "1hh"] {
+        for text in [
+            "",
+            "60",
+            "s",
+            "1d",
+            "1.5h",
+            "-5s",
+            "1h 30m",
+            "99999999999s",
+            "1hh",
+        ] {
             let error = parse(text).unwrap_err();
-            assert!(error.to_string().contains("expected a whole number"), "{text}");
+            assert!(
+                error.to_string().contains("expected a whole number"),
+                "{text}"
+            );
         }
     }
 

@@ -168,7 +168,12 @@ impl SigningKey {
     pub fn sign(&self, message: &[u8]) -> Result<Vec<u8>, SignError> {
         let mut signature = vec![0; self.pair.public_modulus_len()];
         self.pair
-            .sign(&RSA_PKCS1_SHA256, &SystemRandom::new(), message, &mut signature)
+            .sign(
+                &RSA_PKCS1_SHA256,
+                &SystemRandom::new(),
+                message,
+                &mut signature,
+            )
             .map_err(|_| SignError)?;
         Ok(signature)
     }
@@ -225,13 +230,15 @@ impl SigningKey {
             reason: reason.to_owned(),
         };
         let pkcs1 = match der {
-            PrivateKeyDer::Pkcs8(bytes) => pkcs8_rsa_private_key(bytes).map_err(|problem| match problem {
-                Pkcs8Problem::Malformed(reason) => malformed(reason),
-                Pkcs8Problem::Algorithm(kind) => Error::NotRsa {
-                    path: path.to_owned(),
-                    kind,
-                },
-            })?,
+            PrivateKeyDer::Pkcs8(bytes) => {
+                pkcs8_rsa_private_key(bytes).map_err(|problem| match problem {
+                    Pkcs8Problem::Malformed(reason) => malformed(reason),
+                    Pkcs8Problem::Algorithm(kind) => Error::NotRsa {
+                        path: path.to_owned(),
+                        kind,
+                    },
+                })?
+            }
             PrivateKeyDer::Pkcs1(bytes) => &bytes[..],
         };
         let bits = rsa_modulus_bits(pkcs1).ok_or_else(|| malformed("not a valid RSAPrivateKey"))?;
@@ -259,7 +266,8 @@ impl SigningKey {
         let (n, e) = key.public_jwk_components();
         // RFC 7638: the required members in lexicographic order, no spaces.
         let thumbprint_input = format!(r#"{{"e":"{e}","kty":"RSA","n":"{n}"}}"#);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, thumbprint_input.as_bytes());
+        let digest =
+            aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, thumbprint_input.as_bytes());
         key.key_id = URL_SAFE_NO_PAD.encode(digest.as_ref());
         Some(key)
     }
@@ -479,17 +487,25 @@ fn pem_boundary(line: &[u8], prefix: &[u8]) -> Option<String> {
 }
 
 fn trim_ascii(line: &[u8]) -> &[u8] {
-    let start = line.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(line.len());
-    let end = line.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |i| i + 1);
+    let start = line
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(line.len());
+    let end = line
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |i| i + 1);
     &line[start..end]
 }
 
 fn decode_base64(path: &Path, text: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
     let mut der = Zeroizing::new(vec![0u8; text.len()]);
-    let length = STANDARD.decode_slice(text, &mut der[..]).map_err(|error| Error::Malformed {
-        path: path.to_owned(),
-        reason: format!("its base64 does not decode: {error}"),
-    })?;
+    let length = STANDARD
+        .decode_slice(text, &mut der[..])
+        .map_err(|error| Error::Malformed {
+            path: path.to_owned(),
+            reason: format!("its base64 does not decode: {error}"),
+        })?;
     der.truncate(length);
     Ok(der)
 }
@@ -516,10 +532,12 @@ enum Pkcs8Problem {
 fn pkcs8_rsa_private_key(der: &[u8]) -> Result<&[u8], Pkcs8Problem> {
     let malformed = Pkcs8Problem::Malformed("not a valid PKCS#8 PrivateKeyInfo");
     let (info, _) = der::expect(der, der::SEQUENCE).ok_or(malformed)?;
-    let (_version, rest) = der::expect(info, der::INTEGER).ok_or(Pkcs8Problem::Malformed("no version"))?;
+    let (_version, rest) =
+        der::expect(info, der::INTEGER).ok_or(Pkcs8Problem::Malformed("no version"))?;
     let (algorithm, rest) =
         der::expect(rest, der::SEQUENCE).ok_or(Pkcs8Problem::Malformed("no algorithm"))?;
-    let (oid, _) = der::expect(algorithm, der::OID).ok_or(Pkcs8Problem::Malformed("no algorithm"))?;
+    let (oid, _) =
+        der::expect(algorithm, der::OID).ok_or(Pkcs8Problem::Malformed("no algorithm"))?;
     if oid != oid::RSA_ENCRYPTION {
         return Err(Pkcs8Problem::Algorithm(oid::describe(oid)));
     }
@@ -561,7 +579,9 @@ mod der {
                 return None;
             }
             let (bytes, rest) = rest.split_at(count);
-            let length = bytes.iter().fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
+            let length = bytes
+                .iter()
+                .fold(0usize, |acc, &b| (acc << 8) | usize::from(b));
             (length, rest)
         };
         (rest.len() >= length).then(|| rest.split_at(length))
@@ -574,14 +594,18 @@ mod oid {
     /// Names a PKCS#8 algorithm for a refusal message.
     pub fn describe(oid: &[u8]) -> String {
         let name = match oid {
-            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a] => "an RSA-PSS key, which cannot sign RS256",
+            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x0a] => {
+                "an RSA-PSS key, which cannot sign RS256"
+            }
             [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01] => "an EC (elliptic curve) private key",
             [0x2b, 0x65, 0x70] => "an Ed25519 private key",
             [0x2b, 0x65, 0x71] => "an Ed448 private key",
             [0x2b, 0x65, 0x6e] => "an X25519 private key",
             [0x2b, 0x65, 0x6f] => "an X448 private key",
             [0x2a, 0x86, 0x48, 0xce, 0x38, 0x04, 0x01] => "a DSA private key",
-            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x03, 0x01] => "a Diffie-Hellman private key",
+            [0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x03, 0x01] => {
+                "a Diffie-Hellman private key"
+            }
             _ => "a private key of an unknown algorithm",
         };
         name.to_owned()
@@ -591,7 +615,10 @@ mod oid {
 /// Creates `dir` (mode 0700) when missing; used for the default key folder.
 pub fn create_private_dir(dir: &Path) -> io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 #[cfg(test)]
@@ -601,7 +628,7 @@ mod tests {
     #[test]
     fn modulus_bits_ignore_the_sign_byte() {
         // SEQUENCE { INTEGER 0, INTEGER 0x00 0x80 0x00 } is a 16-bit modulus.
-        let der = [0x30, 0x07, 0x02, 0x01, 0x00, 0x02, 0x03, 0x00, 0x80, 0x00];
+        let der = [0x30, 0x08, 0x02, 0x01, 0x00, 0x02, 0x03, 0x00, 0x80, 0x00];
         assert_eq!(rsa_modulus_bits(&der), Some(16));
     }
 

@@ -16,7 +16,7 @@ use crate::{
         GetTokenRequest, GetTokenResponse,
         token_service_server::{TokenService, TokenServiceServer},
     },
-    token::{LimitError, Lifetime},
+    token::{Lifetime, LimitError},
 };
 
 /// How often entries unused for a lifetime are dropped from the cache.
@@ -50,7 +50,11 @@ impl TokenService for Service {
         &self,
         request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
-        let caller = request.extensions().get::<Peer>().copied().unwrap_or(Peer::UNKNOWN);
+        let caller = request
+            .extensions()
+            .get::<Peer>()
+            .copied()
+            .unwrap_or(Peer::UNKNOWN);
         let request = request.into_inner();
         let identities = self.registry.current();
         let identity = identities.resolve(&request.identity).ok_or_else(|| {
@@ -141,7 +145,10 @@ pub async fn run(
     let (draining, drain_started) = oneshot::channel();
     let signal = async move {
         shutdown.await;
-        tracing::info!(grace_secs = grace.as_secs_f64(), "stopped accepting; draining calls in flight");
+        tracing::info!(
+            grace_secs = grace.as_secs_f64(),
+            "stopped accepting; draining calls in flight"
+        );
         let _ = draining.send(());
     };
     let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));

@@ -82,10 +82,11 @@ impl Drop for BoundSocket {
         let ours = fs::symlink_metadata(&self.path)
             .map(|metadata| (metadata.dev(), metadata.ino()) == self.identity)
             .unwrap_or(false);
-        if ours {
-            if let Err(error) = fs::remove_file(&self.path) {
-                tracing::warn!(path = %self.path.display(), %error, "could not remove the socket file");
-            }
+        if !ours {
+            return;
+        }
+        if let Err(error) = fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), %error, "could not remove the socket file");
         }
     }
 }
@@ -122,7 +123,8 @@ pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
     })?;
     // Connecting needs a listening socket, so setting the mode before
     // listen(2) leaves no window in which another user could connect.
-    rustix::fs::chmod(path, Mode::from_raw_mode(SOCKET_MODE)).map_err(|errno| bind_error(errno.into()))?;
+    rustix::fs::chmod(path, Mode::from_raw_mode(SOCKET_MODE))
+        .map_err(|errno| bind_error(errno.into()))?;
     rustix::net::listen(&socket, BACKLOG).map_err(|errno| bind_error(errno.into()))?;
     let metadata = fs::symlink_metadata(path).map_err(bind_error)?;
     Ok(BoundSocket {
@@ -133,7 +135,10 @@ pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
 }
 
 fn prepare_directory(path: &Path) -> Result<(), Error> {
-    let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) else {
+    let Some(parent) = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+    else {
         return Ok(());
     };
     if parent.exists() {

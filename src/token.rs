@@ -25,7 +25,9 @@ pub struct Lifetime(u32);
 /// A requested lifetime or `min_valid_for` outside what Skykit API accepts.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LimitError {
-    #[error("lifetime {0}s is over the maximum of 3600s (Skykit API accepts tokens valid for at most one hour)")]
+    #[error(
+        "lifetime {0}s is over the maximum of 3600s (Skykit API accepts tokens valid for at most one hour)"
+    )]
     LifetimeTooLong(i64),
     #[error("lifetime {0}s is under the minimum of 60s")]
     LifetimeTooShort(i64),
@@ -187,8 +189,13 @@ fn push_python_json_string(out: &mut String, text: &str) {
 /// jsonwebtoken, so a key the crypto library loaded but cannot use for
 /// RS256 is caught before the agent accepts calls.
 pub fn self_test(key: &SigningKey, issuer: &str, now: u64) -> Result<(), SelfTestError> {
-    let token = issue(key, issuer, now, Lifetime::from_secs(60).expect("60s is in range"))
-        .map_err(|_| SelfTestError::Sign)?;
+    let token = issue(
+        key,
+        issuer,
+        now,
+        Lifetime::from_secs(60).expect("60s is in range"),
+    )
+    .map_err(|_| SelfTestError::Sign)?;
     let (n, e) = key.public_jwk_components();
     let decoding_key = jsonwebtoken::DecodingKey::from_rsa_components(&n, &e)
         .map_err(|error| SelfTestError::Verify(error.to_string()))?;
@@ -217,7 +224,10 @@ mod tests {
 
     fn check_payload(issuer: &str, expected: &str) {
         let actual = payload_json(issuer, 1_700_000_000, 1_700_003_600);
-        assert_eq!(actual, expected, "\nexpected:\n{expected}\nactual:\n{actual}");
+        assert_eq!(
+            actual, expected,
+            "\nexpected:\n{expected}\nactual:\n{actual}"
+        );
     }
 
     #[test]
@@ -244,7 +254,10 @@ mod tests {
         let token = issue(&key, "you@example.com", 1_700_000_000, lifetime).unwrap();
         let parts: Vec<&str> = token.jws.split('.').collect();
         assert_eq!(parts.len(), 3);
-        assert_eq!(URL_SAFE_NO_PAD.decode(parts[0]).unwrap(), HEADER_JSON.as_bytes());
+        assert_eq!(
+            URL_SAFE_NO_PAD.decode(parts[0]).unwrap(),
+            HEADER_JSON.as_bytes()
+        );
         assert_eq!(
             URL_SAFE_NO_PAD.decode(parts[1]).unwrap(),
             br#"{"iss":"you@example.com","iat":1700000000,"exp":1700000600}"#
@@ -274,9 +287,15 @@ mod tests {
         assert!(short.contains("59s") && short.contains("60s"), "{short}");
         assert!(Lifetime::from_secs(-1).is_err());
         let lifetime = Lifetime::from_secs(600).unwrap();
-        assert_eq!(lifetime.check_min_valid_for(600), Ok(Duration::from_secs(600)));
+        assert_eq!(
+            lifetime.check_min_valid_for(600),
+            Ok(Duration::from_secs(600))
+        );
         let too_long = lifetime.check_min_valid_for(601).unwrap_err().to_string();
-        assert!(too_long.contains("601s") && too_long.contains("600s"), "{too_long}");
+        assert!(
+            too_long.contains("601s") && too_long.contains("600s"),
+            "{too_long}"
+        );
         assert!(lifetime.check_min_valid_for(-1).is_err());
     }
 }

@@ -1,1 +1,433 @@
+//! Cache tests on paused tokio time with an injected wall clock and a
+//! signer that counts its calls, can be held, and can be made to fail.
 
+use std::sync::{
+    Arc, Condvar, Mutex,
+    atomic::{AtomicBool, AtomicUsize, Ordering},
+};
+
+use super::*;
+
+const START: Duration = Duration::from_secs(1_700_000_000);
+
+/// Wall time follows tokio's (paused) clock plus a step tests can change.
+struct TestClock {
+    start: Instant,
+    step_secs: Mutex<i64>,
+}
+
+impl TestClock {
+    fn new() -> Arc<Self> {
+        Arc::new(TestClock {
+            start: Instant::now(),
+            step_secs: Mutex::new(0),
+        })
+    }
+
+    /// Steps the wall clock (only) by `seconds`, as an NTP jump would.
+    fn step(&self, seconds: i64) {
+        *self.step_secs.lock().unwrap() += seconds;
+    }
+}
+
+impl Clock for Arc<TestClock> {
+    fn wall(&self) -> Duration {
+        let elapsed = START + Instant::now().duration_since(self.start);
+        let step = *self.step_secs.lock().unwrap();
+        if step >= 0 {
+            elapsed + Duration::from_secs(step as u64)
+        } else {
+            elapsed - Duration::from_secs(step.unsigned_abs())
+        }
+    }
+
+    fn mono(&self) -> Instant {
+        Instant::now()
+    }
+}
+
+/// A gate a signing thread waits at until the test opens it.
+#[derive(Default)]
+struct Gate {
+    open: Mutex<bool>,
+    opened: Condvar,
+}
+
+impl Gate {
+    fn wait(&self) {
+        let mut open = self.open.lock().unwrap();
+        while !*open {
+            open = self.opened.wait(open).unwrap();
+        }
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Signs fake tokens whose text names the identity, `iat` and call number.
+#[derive(Default)]
+struct TestSigner {
+    calls: AtomicUsize,
+    failing: AtomicBool,
+    /// Signing for identity "slow" waits here.
+    gate: Gate,
+}
+
+impl TestSigner {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Signer for TestSigner {
+    fn sign(
+        &self,
+        identity: &str,
+        lifetime: Lifetime,
+        issued_at: u64,
+    ) -> Result<Token, SignFailure> {
+        let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if identity == "slow" {
+            self.gate.wait();
+        }
+        if self.failing.load(Ordering::SeqCst) {
+            return Err(SignFailure("test signer told to fail".into()));
+        }
+        Ok(Token {
+            jws: format!("{identity}.{issued_at}.{call}").into(),
+            issuer: "test@example.com".into(),
+            issued_at,
+            expires_at: issued_at + u64::from(lifetime.secs()),
+            key_id: "test-key".into(),
+        })
+    }
+}
+
+type TestCache = Cache<Arc<TestSigner>, Arc<TestClock>>;
+
+fn setup() -> (TestCache, Arc<TestSigner>, Arc<TestClock>) {
+    let signer = Arc::new(TestSigner::default());
+    let clock = TestClock::new();
+    (Cache::new(signer.clone(), clock.clone()), signer, clock)
+}
+
+fn key(identity: &str, seconds: i64) -> Key {
+    Key {
+        identity: identity.into(),
+        lifetime: Lifetime::from_secs(seconds).unwrap(),
+    }
+}
+
+const CALLER: Peer = Peer {
+    uid: 1000,
+    gid: 1000,
+    pid: Some(42),
+};
+
+async fn get(cache: &TestCache, key: &Key) -> Issued {
+    cache.get(key, Duration::ZERO, CALLER).await.unwrap()
+}
+
+/// Lets every runnable task (and finished blocking work) make progress.
+async fn settle() {
+    for _ in 0..20 {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Waits for a background signature to land in the entry.
+async fn until_signed(signer: &TestSigner, calls: usize) {
+    while signer.calls() < calls {
+        settle().await;
+    }
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn second_call_is_served_from_cache() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 3600);
+    let first = get(&cache, &key).await;
+    let second = get(&cache, &key).await;
+    assert!(first.fresh);
+    assert!(!second.fresh);
+    assert_eq!(first.token.jws, second.token.jws);
+    assert_eq!(signer.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_misses_share_one_signature() {
+    let (cache, signer, _) = setup();
+    let key = key("slow", 3600);
+    let waiters: Vec<_> = (0..16)
+        .map(|_| {
+            let cache = cache.clone();
+            let key = key.clone();
+            tokio::spawn(async move { get(&cache, &key).await })
+        })
+        .collect();
+    settle().await;
+    signer.gate.open();
+    let mut tokens = Vec::new();
+    for waiter in waiters {
+        tokens.push(waiter.await.unwrap().token.jws.clone());
+    }
+    assert_eq!(signer.calls(), 1);
+    assert!(tokens.iter().all(|token| *token == tokens[0]));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cache_hit_completes_while_another_signature_is_blocked() {
+    let (cache, signer, _) = setup();
+    let fast = key("fast", 3600);
+    let cached = get(&cache, &fast).await;
+    let slow = {
+        let cache = cache.clone();
+        tokio::spawn(async move { get(&cache, &key("slow", 3600)).await })
+    };
+    until_signed_started(&signer, 2).await;
+    // The slow signature holds a blocking thread; the hit must not wait for it.
+    let hit = get(&cache, &fast).await;
+    assert_eq!(hit.token.jws, cached.token.jws);
+    assert!(!slow.is_finished());
+    signer.gate.open();
+    assert!(slow.await.unwrap().fresh);
+}
+
+async fn until_signed_started(signer: &TestSigner, calls: usize) {
+    while signer.calls() < calls {
+        settle().await;
+        std::thread::yield_now();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn refresh_after_is_between_45_and_55_percent_of_the_lifetime() {
+    for _ in 0..50 {
+        let (cache, _, _) = setup();
+        let issued = get(&cache, &key("default", 1000)).await;
+        let issued_at = Duration::from_secs(issued.token.issued_at);
+        let offset = issued.refresh_after - issued_at;
+        assert!(
+            (Duration::from_secs(450)..=Duration::from_secs(550)).contains(&offset),
+            "{offset:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_first_call_after_refresh_after_starts_one_background_resign() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 1000);
+    let first = get(&cache, &key).await;
+    let refresh_in = first.refresh_after - Duration::from_secs(first.token.issued_at);
+    tokio::time::advance(refresh_in - Duration::from_secs(1)).await;
+    assert_eq!(get(&cache, &key).await.token.jws, first.token.jws);
+    assert_eq!(signer.calls(), 1, "no re-sign before refresh_after");
+
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // Past refresh_after: the caller still gets the current token at once...
+    let during = get(&cache, &key).await;
+    assert_eq!(during.token.jws, first.token.jws);
+    assert!(!during.fresh);
+    // ...and more calls meanwhile do not start more signatures.
+    get(&cache, &key).await;
+    until_signed(&signer, 2).await;
+    assert_eq!(signer.calls(), 2);
+    let after = get(&cache, &key).await;
+    assert_ne!(after.token.jws, first.token.jws);
+    assert!(after.token.issued_at > first.token.issued_at);
+    assert_eq!(signer.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn unmet_min_valid_for_signs_a_new_token_that_replaces_the_entry() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 600);
+    let first = get(&cache, &key).await;
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // 590 s are left; asking for 595 s forces a new signature.
+    let forced = cache
+        .get(&key, Duration::from_secs(595), CALLER)
+        .await
+        .unwrap();
+    assert!(forced.fresh);
+    assert_eq!(forced.token.issued_at, first.token.issued_at + 10);
+    let next = get(&cache, &key).await;
+    assert_eq!(
+        next.token.jws, forced.token.jws,
+        "the new token replaced the entry"
+    );
+    // A min_valid_for the cached token meets does not sign.
+    cache
+        .get(&key, Duration::from_secs(500), CALLER)
+        .await
+        .unwrap();
+    assert_eq!(signer.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_is_not_served_in_its_last_tenth() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 600);
+    let first = get(&cache, &key).await;
+    signer.failing.store(true, Ordering::SeqCst);
+    // 541 s in, 59 s (under a tenth of 600 s) remain: not servable.
+    tokio::time::advance(Duration::from_secs(541)).await;
+    let error = cache.get(&key, Duration::ZERO, CALLER).await.unwrap_err();
+    assert!(error.to_string().contains("signing failed"), "{error}");
+    signer.failing.store(false, Ordering::SeqCst);
+    let next = get(&cache, &key).await;
+    assert!(next.token.issued_at > first.token.issued_at);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_resign_keeps_serving_and_retries_soon() {
+    let (cache, signer, clock) = setup();
+    let key = key("default", 1000);
+    let first = get(&cache, &key).await;
+    signer.failing.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(560)).await;
+    assert_eq!(get(&cache, &key).await.token.jws, first.token.jws);
+    until_signed(&signer, 2).await;
+    // The failure is absorbed: the old token is served with a retry time of
+    // now + min(30 s, remaining / 10) = now + 30 s (about 440 s remain).
+    let served = get(&cache, &key).await;
+    assert_eq!(served.token.jws, first.token.jws);
+    let now = clock.wall();
+    let retry_in = served.refresh_after.saturating_sub(now);
+    assert!(
+        retry_in > Duration::from_secs(29) && retry_in <= Duration::from_secs(30),
+        "{retry_in:?}"
+    );
+    assert_eq!(signer.calls(), 2, "no retry before the retry time");
+    signer.failing.store(false, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(31)).await;
+    get(&cache, &key).await;
+    until_signed(&signer, 3).await;
+    assert_ne!(get(&cache, &key).await.token.jws, first.token.jws);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_retry_delay_shrinks_with_the_remaining_time() {
+    let (cache, signer, clock) = setup();
+    let key = key("default", 600);
+    get(&cache, &key).await;
+    signer.failing.store(true, Ordering::SeqCst);
+    // 400 s in, 200 s remain: the retry comes after 20 s, not 30 s.
+    tokio::time::advance(Duration::from_secs(400)).await;
+    get(&cache, &key).await;
+    until_signed(&signer, 2).await;
+    let served = get(&cache, &key).await;
+    let retry_in = served.refresh_after.saturating_sub(clock.wall());
+    assert!(
+        retry_in > Duration::from_secs(19) && retry_in <= Duration::from_secs(20),
+        "{retry_in:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_servable_and_signing_fails_is_unavailable() {
+    let (cache, signer, _) = setup();
+    signer.failing.store(true, Ordering::SeqCst);
+    let error = cache
+        .get(&key("default", 600), Duration::ZERO, CALLER)
+        .await
+        .unwrap_err();
+    let Error::Unavailable { identity, reason } = error;
+    assert_eq!(&*identity, "default");
+    assert!(reason.to_string().contains("told to fail"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_forward_never_serves_an_expired_token() {
+    let (cache, _, clock) = setup();
+    let key = key("default", 600);
+    let first = get(&cache, &key).await;
+    clock.step(3600);
+    let after = get(&cache, &key).await;
+    assert!(after.fresh, "expired by the wall clock: re-signed");
+    assert_eq!(after.token.issued_at, first.token.issued_at + 3600);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_step_back_never_serves_an_expired_token() {
+    let (cache, _, clock) = setup();
+    let key = key("default", 600);
+    let first = get(&cache, &key).await;
+    // 590 s pass, but the wall clock is stepped back by as much, so by the
+    // wall clock the token looks fresh; the monotonic clock knows better.
+    tokio::time::advance(Duration::from_secs(590)).await;
+    clock.step(-590);
+    let after = get(&cache, &key).await;
+    assert!(after.fresh, "expired by the monotonic clock: re-signed");
+    assert_eq!(after.token.issued_at, first.token.issued_at);
+    assert_ne!(after.token.jws, first.token.jws);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_from_the_future_is_not_served() {
+    let (cache, _, clock) = setup();
+    let key = key("default", 3600);
+    let first = get(&cache, &key).await;
+    clock.step(-3600);
+    let after = get(&cache, &key).await;
+    assert!(after.fresh);
+    assert_eq!(after.token.issued_at, first.token.issued_at - 3600);
+    assert_eq!(after.token.expires_at - after.token.issued_at, 3600);
+}
+
+#[tokio::test(start_paused = true)]
+async fn entries_unused_for_a_lifetime_are_evicted() {
+    let (cache, _, _) = setup();
+    get(&cache, &key("default", 60)).await;
+    get(&cache, &key("default", 3600)).await;
+    tokio::time::advance(Duration::from_secs(61)).await;
+    cache.sweep();
+    assert_eq!(cache.len(), 1, "the 60 s entry went, the 1 h entry stays");
+    tokio::time::advance(Duration::from_secs(3600)).await;
+    cache.sweep();
+    assert!(cache.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_identity_keeps_at_most_64_entries_evicting_the_least_recently_used() {
+    let (cache, signer, _) = setup();
+    for seconds in 60..60 + MAX_ENTRIES_PER_IDENTITY as i64 {
+        get(&cache, &key("default", seconds)).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    get(&cache, &key("other", 600)).await;
+    // Touch the oldest so the second oldest becomes least recently used.
+    get(&cache, &key("default", 60)).await;
+    let calls = signer.calls();
+    get(&cache, &key("default", 1000)).await;
+    assert_eq!(cache.len(), MAX_ENTRIES_PER_IDENTITY + 1);
+    get(&cache, &key("default", 60)).await;
+    assert_eq!(
+        signer.calls(),
+        calls + 1,
+        "the recently used entry survived"
+    );
+    get(&cache, &key("default", 61)).await;
+    assert_eq!(
+        signer.calls(),
+        calls + 2,
+        "the least recently used entry was evicted"
+    );
+    get(&cache, &key("other", 600)).await;
+    assert_eq!(signer.calls(), calls + 2, "other identities are untouched");
+}
+
+#[tokio::test(start_paused = true)]
+async fn forget_drops_only_that_identity() {
+    let (cache, _, _) = setup();
+    get(&cache, &key("a", 600)).await;
+    get(&cache, &key("b", 600)).await;
+    cache.forget("a");
+    assert_eq!(cache.len(), 1);
+}

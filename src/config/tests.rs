@@ -1,1 +1,327 @@
+//! Config resolution tests; the environment is a map, never `set_var`.
 
+use super::*;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    env: HashMap<String, String>,
+    overrides: Overrides,
+    euid: u32,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Setup {
+            dir: tempfile::tempdir().unwrap(),
+            env: HashMap::from([("XDG_RUNTIME_DIR".to_owned(), "/xdg".to_owned())]),
+            overrides: Overrides::default(),
+            euid: 1000,
+        }
+    }
+
+    fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("conf")
+    }
+
+    /// Writes `config.toml` in the default config dir.
+    fn file(&self, text: &str) -> PathBuf {
+        fs::create_dir_all(self.config_dir()).unwrap();
+        let path = self.config_dir().join(CONFIG_FILE);
+        fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn load(&self) -> Result<Config, Problems> {
+        let context = Context {
+            euid: self.euid,
+            config_dir: self.config_dir(),
+        };
+        load(&self.overrides, &self.env, &context)
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.load().unwrap_err().0
+    }
+}
+
+/// Asserts that some problem contains every one of `parts`.
+fn check(problems: &[String], parts: &[&str]) {
+    assert!(
+        problems
+            .iter()
+            .any(|p| parts.iter().all(|part| p.contains(part))),
+        "no problem mentions all of {parts:?}; problems:\n{}",
+        problems.join("\n")
+    );
+}
+
+#[test]
+fn one_identity_from_the_file_with_defaults() {
+    let setup = Setup::new();
+    let path = setup.file("[[identity]]\nissuer = \"you@example.com\"\n");
+    let config = setup.load().unwrap();
+    assert_eq!(config.file, Some(path));
+    assert_eq!(
+        config.identities,
+        [IdentityConfig {
+            name: "default".into(),
+            issuer: "you@example.com".into(),
+            key: setup.config_dir().join("private.pem"),
+            lifetime: Lifetime::MAX,
+            default: true,
+            allow_insecure_key_permissions: false,
+        }]
+    );
+    assert_eq!(config.socket, PathBuf::from("/xdg/skykit-agent/agent.sock"));
+}
+
+#[test]
+fn every_identity_field_is_read_and_keys_are_relative_to_the_file() {
+    let setup = Setup::new();
+    setup.file(
+        r#"
+socket = "/tmp/a.sock"
+[[identity]]
+name = "ops"
+issuer = "ops@example.com"
+key = "keys/ops.pem"
+lifetime = "10m"
+allow_insecure_key_permissions = true
+[[identity]]
+name = "ci"
+issuer = "ci@example.com"
+key = "/abs/ci.pem"
+default = true
+"#,
+    );
+    let config = setup.load().unwrap();
+    assert_eq!(config.socket, PathBuf::from("/tmp/a.sock"));
+    let ops = &config.identities[0];
+    assert_eq!(ops.key, setup.config_dir().join("keys/ops.pem"));
+    assert_eq!(ops.lifetime.secs(), 600);
+    assert!(ops.allow_insecure_key_permissions && !ops.default);
+    assert_eq!(config.identities[1].key, PathBuf::from("/abs/ci.pem"));
+    assert_eq!(config.default_identity().name, "ci");
+}
+
+#[test]
+fn flags_alone_define_the_default_identity() {
+    let mut setup = Setup::new();
+    setup.overrides.issuer = Some("me@example.com".into());
+    setup.overrides.key = Some("/k.pem".into());
+    setup.overrides.lifetime = Some(Lifetime::from_secs(120).unwrap());
+    let config = setup.load().unwrap();
+    assert_eq!(config.file, None, "a missing default file is not an error");
+    let identity = config.default_identity();
+    assert_eq!(
+        (
+            identity.name.as_str(),
+            identity.issuer.as_str(),
+            identity.key.as_path()
+        ),
+        ("default", "me@example.com", Path::new("/k.pem"))
+    );
+    assert_eq!(identity.lifetime.secs(), 120);
+}
+
+#[test]
+fn flags_override_the_default_identity_of_the_file() {
+    let mut setup = Setup::new();
+    setup.file(
+        "[[identity]]\nname = \"a\"\nissuer = \"a@x.io\"\n[[identity]]\nname = \"b\"\nissuer = \"b@x.io\"\ndefault = true\n",
+    );
+    setup.overrides.issuer = Some("new@x.io".into());
+    setup.overrides.key = Some("/new.pem".into());
+    let config = setup.load().unwrap();
+    assert_eq!(config.identities[0].issuer, "a@x.io");
+    assert_eq!(config.identities[1].issuer, "new@x.io");
+    assert_eq!(config.identities[1].key, PathBuf::from("/new.pem"));
+}
+
+#[test]
+fn without_any_identity_the_problem_names_the_flag_and_the_file() {
+    let setup = Setup::new();
+    check(&setup.problems(), &["--issuer", "config.toml"]);
+}
+
+#[test]
+fn config_file_precedence_is_flag_then_env_then_default() {
+    let mut setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"default@x.io\"\n");
+    let env_file = setup.dir.path().join("env.toml");
+    fs::write(&env_file, "[[identity]]\nissuer = \"env@x.io\"\n").unwrap();
+    let flag_file = setup.dir.path().join("flag.toml");
+    fs::write(&flag_file, "[[identity]]\nissuer = \"flag@x.io\"\n").unwrap();
+    assert_eq!(setup.load().unwrap().identities[0].issuer, "default@x.io");
+    setup
+        .env
+        .insert(ENV_CONFIG.into(), env_file.display().to_string());
+    assert_eq!(setup.load().unwrap().identities[0].issuer, "env@x.io");
+    setup.overrides.config = Some(flag_file);
+    assert_eq!(setup.load().unwrap().identities[0].issuer, "flag@x.io");
+}
+
+#[test]
+fn a_missing_named_config_file_is_an_error_naming_who_named_it() {
+    let mut setup = Setup::new();
+    setup.overrides.issuer = Some("me@example.com".into());
+    setup
+        .env
+        .insert(ENV_CONFIG.into(), "/nonexistent/env.toml".into());
+    check(
+        &setup.problems(),
+        &["/nonexistent/env.toml", ENV_CONFIG, "does not exist"],
+    );
+    setup.overrides.config = Some("/nonexistent/flag.toml".into());
+    check(&setup.problems(), &["/nonexistent/flag.toml", "--config"]);
+}
+
+#[test]
+fn socket_precedence() {
+    let mut setup = Setup::new();
+    setup.overrides.issuer = Some("me@example.com".into());
+    let socket = |setup: &Setup| setup.load().unwrap().socket.display().to_string();
+    assert_eq!(socket(&setup), "/xdg/skykit-agent/agent.sock");
+    setup.euid = 0;
+    assert_eq!(socket(&setup), SYSTEM_SOCKET);
+    setup
+        .env
+        .insert(ENV_RUNTIME_DIRECTORY.into(), "/run/svc:/run/other".into());
+    assert_eq!(socket(&setup), "/run/svc/agent.sock");
+    setup.file("socket = \"/from/file.sock\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    assert_eq!(socket(&setup), "/from/file.sock");
+    setup.env.insert(ENV_SOCKET.into(), "/from/env.sock".into());
+    assert_eq!(socket(&setup), "/from/env.sock");
+    setup.overrides.socket = Some("/from/flag.sock".into());
+    assert_eq!(socket(&setup), "/from/flag.sock");
+}
+
+#[test]
+fn no_socket_path_at_all_names_the_flag() {
+    let mut setup = Setup::new();
+    setup.env.clear();
+    setup.overrides.issuer = Some("me@example.com".into());
+    check(&setup.problems(), &["--socket"]);
+}
+
+#[test]
+fn every_problem_is_reported_together_with_its_line() {
+    let setup = Setup::new();
+    let path = setup.file(
+        r#"colour = "blue"
+[[identity]]
+name = "Bad Name"
+issuer = "not-an-email"
+lifetime = "2h"
+[[identity]]
+name = "b"
+issuer = "b@x.io"
+lifetime = 3600
+default = "yes"
+surprise = 1
+"#,
+    );
+    let problems = setup.problems();
+    let file = path.display().to_string();
+    check(&problems, &[&format!("{file}:1:"), "unknown key `colour`"]);
+    check(&problems, &[&format!("{file}:2:"), "\"Bad Name\"", "a-z"]);
+    check(
+        &problems,
+        &[&format!("{file}:2:"), "not-an-email", "not an email"],
+    );
+    check(
+        &problems,
+        &[&format!("{file}:5:"), "lifetime", "7200s", "3600s"],
+    );
+    check(
+        &problems,
+        &[&format!("{file}:9:"), "`lifetime` must be a string"],
+    );
+    check(
+        &problems,
+        &[&format!("{file}:10:"), "`default` must be true or false"],
+    );
+    check(
+        &problems,
+        &[&format!("{file}:11:"), "unknown key `surprise`", "issuer"],
+    );
+    assert!(problems.len() >= 7, "{problems:#?}");
+}
+
+#[test]
+fn bad_durations_are_explained() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\nlifetime = \"ten minutes\"\n");
+    check(
+        &setup.problems(),
+        &[":3:", "\"ten minutes\"", "90s, 10m or 1h"],
+    );
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\nlifetime = \"30s\"\n");
+    check(&setup.problems(), &[":3:", "30s", "minimum of 60s"]);
+}
+
+#[test]
+fn duplicate_names_and_defaults_are_problems() {
+    let setup = Setup::new();
+    setup.file(
+        "[[identity]]\nname = \"a\"\nissuer = \"a@x.io\"\ndefault = true\n[[identity]]\nname = \"a\"\nissuer = \"b@x.io\"\ndefault = true\n",
+    );
+    let problems = setup.problems();
+    check(&problems, &[":5:", "\"a\" is already used at line 1"]);
+    check(
+        &problems,
+        &["several identities say default = true", "line 1", "line 5"],
+    );
+}
+
+#[test]
+fn several_identities_need_one_default() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nname = \"a\"\nissuer = \"a@x.io\"\n[[identity]]\nname = \"b\"\nissuer = \"b@x.io\"\n");
+    check(
+        &setup.problems(),
+        &["2 identities and none says default = true"],
+    );
+}
+
+#[test]
+fn missing_issuer_and_table_instead_of_array() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nname = \"a\"\n");
+    check(
+        &setup.problems(),
+        &[":1:", "no `issuer`", "issuer = \"you@example.com\""],
+    );
+    setup.file("[identity]\nissuer = \"a@x.io\"\n");
+    check(&setup.problems(), &["write [[identity]], not [identity]"]);
+}
+
+#[test]
+fn syntax_errors_name_the_line() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\nname = \n");
+    check(&setup.problems(), &[":3:"]);
+}
+
+#[test]
+fn a_bad_issuer_flag_names_the_flag() {
+    let mut setup = Setup::new();
+    setup.overrides.issuer = Some("nobody".into());
+    check(
+        &setup.problems(),
+        &["--issuer", "\"nobody\"", "not an email"],
+    );
+}
+
+#[test]
+fn problems_display_one_per_line() {
+    let problems = Problems(vec!["a".into(), "b".into()]);
+    assert_eq!(
+        problems.to_string(),
+        "invalid configuration (2 problems):\n  a\n  b"
+    );
+    assert_eq!(
+        Problems(vec!["a".into()]).to_string(),
+        "invalid configuration: a"
+    );
+}
