@@ -251,9 +251,7 @@ async fn serve_on_runtime(config: Config, identities: Identities) -> Result<(), 
         "skykit-agent ready"
     );
     let service = Service::new(Arc::new(Registry::new(identities)));
-    server::run(listener, service, shutdown.wait(), DRAIN_GRACE)
-        .await
-        .context("the gRPC server failed")?;
+    server::run(listener, service, shutdown.wait(), DRAIN_GRACE).await?;
     drop(bound);
     tracing::info!("stopped");
     Ok(())

@@ -7,13 +7,14 @@ use std::{future::Future, sync::Arc, time::Duration};
 use prost_types::Timestamp;
 use tokio::{net::UnixListener, sync::oneshot};
 use tonic::{Request, Response, Status, transport::Server};
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     cache::{self, Cache, Issued, SystemClock},
     identity::Registry,
     peer::{Incoming, Peer},
     proto::{
-        GetTokenRequest, GetTokenResponse,
+        FILE_DESCRIPTOR_SET, GetTokenRequest, GetTokenResponse,
         token_service_server::{TokenService, TokenServiceServer},
     },
     token::{Lifetime, LimitError},
@@ -134,14 +135,37 @@ fn invalid(error: LimitError) -> Status {
     Status::invalid_argument(error.to_string())
 }
 
+/// The server could not be set up or failed while serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot build the gRPC reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("the gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// The name health checks use for the token service.
+pub const TOKEN_SERVICE_NAME: &str = "skykit.agent.v1.TokenService";
+
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and
 /// lets calls in flight finish for at most `grace`.
+///
+/// Besides the token service it serves `grpc.health.v1.Health` (SERVING
+/// until shutdown begins) and server reflection in both versions, so
+/// grpcurl works without proto files.
 pub async fn run(
     listener: UnixListener,
     service: Service,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Error> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status(TOKEN_SERVICE_NAME, ServingStatus::Serving)
+        .await;
+    // v1 for current clients, v1alpha for grpcurl 1.8 and other older ones.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
     let (draining, drain_started) = oneshot::channel();
     let signal = async move {
         shutdown.await;
@@ -149,15 +173,19 @@ pub async fn run(
             grace_secs = grace.as_secs_f64(),
             "stopped accepting; draining calls in flight"
         );
+        mark_not_serving(&health).await;
         let _ = draining.send(());
     };
     let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));
     let server = Server::builder()
         .add_service(TokenServiceServer::new(service))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(Incoming::new(listener), signal);
     let result = tokio::select! {
         biased;
-        result = server => result,
+        result = server => result.map_err(Error::from),
         () = drain_deadline(drain_started, grace) => {
             tracing::warn!(grace_secs = grace.as_secs_f64(), "drain deadline passed; closing the connections still open");
             Ok(())
@@ -165,6 +193,21 @@ pub async fn run(
     };
     sweeper.abort();
     result
+}
+
+async fn mark_not_serving(health: &HealthReporter) {
+    for service in ["", TOKEN_SERVICE_NAME] {
+        health
+            .set_service_status(service, ServingStatus::NotServing)
+            .await;
+    }
+}
+
+/// Reflection over our proto and the health proto.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
 async fn drain_deadline(drain_started: oneshot::Receiver<()>, grace: Duration) {
