@@ -124,6 +124,11 @@ pub async fn connect(
 
 /// Connects to the agent at `path`.
 pub async fn connect_path(path: &Path) -> io::Result<TokenServiceClient<Channel>> {
+    channel(path).await.map(TokenServiceClient::new)
+}
+
+/// A gRPC channel to the agent at `path`, for any of its services.
+pub async fn channel(path: &Path) -> io::Result<Channel> {
     let stream = UnixStream::connect(path).await?;
     // The first connection is the one just made, so a failure to connect
     // is reported with its real cause; tonic reconnects by path later.
@@ -142,11 +147,10 @@ pub async fn connect_path(path: &Path) -> io::Result<TokenServiceClient<Channel>
         }
     });
     // The authority must be a host name: HTTP/2 servers reject a path.
-    let channel = Endpoint::from_static("http://localhost")
+    Endpoint::from_static("http://localhost")
         .connect_with_connector(connector)
         .await
-        .map_err(io::Error::other)?;
-    Ok(TokenServiceClient::new(channel))
+        .map_err(io::Error::other)
 }
 
 fn describe(error: &io::Error) -> String {
@@ -181,6 +185,29 @@ mod tests {
             .into_iter()
             .map(|c| (c.path.display().to_string(), c.named_by))
             .collect()
+    }
+
+    /// The table every client library runs too.
+    #[test]
+    fn discovery_matches_the_shared_case_table() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/clients/testdata/socket-discovery.json"
+        );
+        let table: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let cases = table["cases"].as_array().unwrap();
+        assert!(cases.len() >= 5);
+        for case in cases {
+            let env: HashMap<String, String> = serde_json::from_value(case["env"].clone()).unwrap();
+            let argument = case["argument"].as_str().map(Path::new);
+            let actual: Vec<String> = candidates(argument, &env)
+                .into_iter()
+                .map(|candidate| candidate.path.display().to_string())
+                .collect();
+            let expected: Vec<String> = serde_json::from_value(case["candidates"].clone()).unwrap();
+            assert_eq!(actual, expected, "case {}", case["name"]);
+        }
     }
 
     #[test]

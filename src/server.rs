@@ -224,3 +224,6 @@ async fn sweep_periodically(cache: AgentCache) {
         cache.sweep();
     }
 }
+
+#[cfg(test)]
+mod tests;
