@@ -107,6 +107,16 @@ pub struct Issued {
     pub fresh: bool,
 }
 
+/// One cached token, as status reports show it (never the token itself).
+#[derive(Debug, Clone)]
+pub struct EntrySnapshot {
+    pub identity: Arc<str>,
+    pub lifetime: Lifetime,
+    pub issued_at: u64,
+    pub expires_at: u64,
+    pub refresh_after: Duration,
+}
+
 /// A request the cache could not answer.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
@@ -270,6 +280,26 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         self.shared
             .lock()
             .retain(|key, _| &*key.identity != identity);
+    }
+
+    /// The entries holding a token, sorted by identity and lifetime.
+    pub fn snapshot(&self) -> Vec<EntrySnapshot> {
+        let mut entries: Vec<EntrySnapshot> = self
+            .shared
+            .lock()
+            .iter()
+            .filter_map(|(key, entry)| {
+                entry.current.as_ref().map(|cached| EntrySnapshot {
+                    identity: key.identity.clone(),
+                    lifetime: key.lifetime,
+                    issued_at: cached.token.issued_at,
+                    expires_at: cached.token.expires_at,
+                    refresh_after: cached.refresh_after,
+                })
+            })
+            .collect();
+        entries.sort_by(|a, b| (&a.identity, a.lifetime).cmp(&(&b.identity, b.lifetime)));
+        entries
     }
 
     /// How many entries the cache holds.

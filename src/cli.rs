@@ -4,7 +4,6 @@
 use std::{
     io::{self, IsTerminal, Write},
     path::{Path, PathBuf},
-    sync::Arc,
     time::Duration,
 };
 
@@ -15,19 +14,15 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     client,
     config::{self, Config, Context, Overrides, ProcessEnv},
+    daemon::{self, Loader},
     duration,
-    identity::{Identities, Registry},
     key::{self, Bits, LoadOptions, SigningKey},
-    proto::{GetTokenRequest, GetTokenResponse},
-    server::{self, Service},
-    signal::Shutdown,
-    socket,
+    proto::{
+        GetStatusRequest, GetStatusResponse, GetTokenRequest, GetTokenResponse,
+        agent_service_client::AgentServiceClient,
+    },
     token::Lifetime,
 };
-
-/// How long calls in flight may take to finish after SIGTERM; well under
-/// systemd's default stop timeout of 90 s.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 const EXIT_CODES: &str = "\
 Exit codes:
@@ -36,7 +31,8 @@ Exit codes:
   2   usage error (bad flags)
   3   the agent is unreachable
   4   the agent refused the request (unknown identity, invalid argument, permission denied)
-  78  serve rejected its configuration or a key";
+  5   status: the agent is reachable but not serving, or its last reload failed
+  78  serve or check rejected the configuration or a key";
 
 /// The exit codes, documented in every `--help`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +42,7 @@ pub enum Exit {
     Usage = 2,
     Unreachable = 3,
     Refused = 4,
+    Unhealthy = 5,
     Config = 78,
 }
 
@@ -93,6 +90,32 @@ pub enum Command {
     /// Print the public key and key_id of an existing private key.
     #[command(after_help = EXIT_CODES)]
     Pubkey(PubkeyArgs),
+    /// Load the config and keys exactly as `serve` would, without serving; exit 0 or 78.
+    #[command(after_help = EXIT_CODES)]
+    Check(CheckArgs),
+    /// Show the running agent's state: identities, cache, last reload, connections.
+    #[command(after_help = EXIT_CODES)]
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Config file [default: as for serve]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// As for serve
+    #[arg(long, value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// As for serve
+    #[arg(long, value_name = "EMAIL")]
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The agent's socket [default: discovered as for `token`]
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -200,68 +223,164 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Token(args) => token(args),
         Command::Keygen(args) => keygen(args),
         Command::Pubkey(args) => pubkey(args),
+        Command::Check(args) => check(args),
+        Command::Status(args) => status(args),
     }
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let context = Context::current();
-    let overrides = Overrides {
-        config: args.config,
-        socket: args.socket,
-        key: args.key,
-        issuer: args.issuer,
-        lifetime: args.lifetime,
+    let loader = Loader {
+        overrides: Overrides {
+            config: args.config,
+            socket: args.socket,
+            key: args.key,
+            issuer: args.issuer,
+            lifetime: args.lifetime,
+        },
+        context: Context::current(),
     };
-    let config = config::load(&overrides, &ProcessEnv, &context)
-        .map_err(|problems| Failure::new(Exit::Config, problems))?;
     if args.generate_key_if_missing {
+        let config = config::load(&loader.overrides, &ProcessEnv, &loader.context)
+            .map_err(|problems| Failure::new(Exit::Config, problems))?;
         generate_missing_keys(&config)?;
     }
-    let identities = load_identities(&config)?;
+    let (config, identities) = loader
+        .load()
+        .map_err(|error| Failure::new(Exit::Config, error))?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(serve_on_runtime(config, identities))
-}
-
-async fn serve_on_runtime(config: Config, identities: Identities) -> Result<(), Failure> {
-    let shutdown = Shutdown::install().context("cannot install signal handlers")?;
-    let mut bound = socket::bind(&config.socket)?;
-    let listener = bound
-        .take_listener()
-        .ok_or_else(|| anyhow!("the socket was already handed out"))?;
-    let listener =
-        tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
-    let summary: Vec<String> = identities
-        .iter()
-        .map(|identity| {
-            format!(
-                "{} (iss {}, key_id {})",
-                identity.name,
-                identity.issuer,
-                identity.key.key_id()
-            )
-        })
-        .collect();
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        socket = %bound.path().display(),
-        identities = %summary.join(", "),
-        "skykit-agent ready"
-    );
-    let service = Service::new(Arc::new(Registry::new(identities)));
-    server::run(listener, service, shutdown.wait(), DRAIN_GRACE).await?;
-    drop(bound);
-    tracing::info!("stopped");
+    runtime.block_on(daemon::run(loader, config, identities))?;
     Ok(())
 }
 
-fn load_identities(config: &Config) -> Result<Identities, Failure> {
-    Identities::load(config).map_err(|errors| {
-        let lines: Vec<String> = errors.iter().map(|error| format!("{error:#}")).collect();
-        Failure::new(Exit::Config, anyhow!(lines.join("\n")))
-    })
+fn check(args: CheckArgs) -> Result<(), Failure> {
+    let loader = Loader {
+        overrides: Overrides {
+            config: args.config,
+            key: args.key,
+            issuer: args.issuer,
+            ..Overrides::default()
+        },
+        context: Context::current(),
+    };
+    let (config, identities) = loader
+        .load()
+        .map_err(|error| Failure::new(Exit::Config, error))?;
+    let mut lines = vec![format!(
+        "config ok: {}",
+        config
+            .file
+            .as_ref()
+            .map_or("no config file (flags only)".to_owned(), |file| file
+                .display()
+                .to_string())
+    )];
+    lines.push(format!("socket: {}", config.socket.display()));
+    for identity in identities.iter() {
+        lines.push(format!(
+            "identity {}: iss {}, key_id {}, {}-bit key, default lifetime {}",
+            identity.name,
+            identity.issuer,
+            identity.key.key_id(),
+            identity.key.bits(),
+            duration::format(identity.lifetime.duration())
+        ));
+    }
+    print_line(&lines.join("\n"))
+}
+
+fn status(args: StatusArgs) -> Result<(), Failure> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let (report, serving) = runtime.block_on(async {
+        let channel = client::connect_channel(args.socket.as_deref(), &ProcessEnv)
+            .await
+            .map_err(|unreachable| Failure::new(Exit::Unreachable, unreachable))?;
+        let report = AgentServiceClient::new(channel.clone())
+            .get_status(GetStatusRequest {})
+            .await
+            .map_err(status_failure)?
+            .into_inner();
+        let serving = HealthClient::new(channel)
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .map(|response| response.into_inner().status == ServingStatus::Serving as i32)
+            .unwrap_or(false);
+        Ok::<_, Failure>((report, serving))
+    })?;
+    print_line(&format_status(&report, serving))?;
+    let reload_failed = report.last_reload.as_ref().is_some_and(|reload| !reload.ok);
+    if !serving || reload_failed {
+        return Err(Failure::new(
+            Exit::Unhealthy,
+            anyhow!(if serving {
+                "the last reload failed"
+            } else {
+                "the agent is not serving"
+            }),
+        ));
+    }
+    Ok(())
+}
+
+fn format_status(report: &GetStatusResponse, serving: bool) -> String {
+    let time = |ts: &Option<prost_types::Timestamp>| {
+        ts.as_ref().map_or("-".to_owned(), ToString::to_string)
+    };
+    let mut lines = vec![
+        format!("skykit-agent {} on {}", report.version, report.socket),
+        format!("serving: {}", if serving { "yes" } else { "no" }),
+        format!("started: {}", time(&report.started_at)),
+        "identities:".to_owned(),
+    ];
+    for identity in &report.identities {
+        lines.push(format!(
+            "  {}{}: iss {}, key_id {}, default lifetime {}s",
+            identity.name,
+            if identity.default { " (default)" } else { "" },
+            identity.issuer,
+            identity.key_id,
+            identity.default_lifetime.as_ref().map_or(0, |d| d.seconds)
+        ));
+    }
+    lines.push(format!("cache: {} entries", report.cache_entries.len()));
+    for entry in &report.cache_entries {
+        lines.push(format!(
+            "  {} {}s: expires {}, refresh after {}",
+            entry.identity,
+            entry.lifetime.as_ref().map_or(0, |d| d.seconds),
+            time(&entry.expires_at),
+            time(&entry.refresh_after)
+        ));
+    }
+    lines.push(match &report.last_reload {
+        None => "last reload: never".to_owned(),
+        Some(reload) if reload.ok => format!("last reload: {} ok", time(&reload.finished_at)),
+        Some(reload) => format!(
+            "last reload: {} FAILED: {}",
+            time(&reload.finished_at),
+            reload.error
+        ),
+    });
+    lines.push(format!("open connections: {}", report.open_connections));
+    lines.push(format!(
+        "key protection: {}",
+        report
+            .key_protection
+            .as_ref()
+            .map_or("unknown", |protection| protection.state.as_str())
+    ));
+    lines.join("\n")
 }
 
 fn generate_missing_keys(config: &Config) -> Result<(), Failure> {

@@ -91,11 +91,21 @@ pub fn candidates(explicit: Option<&Path>, env: &dyn Env) -> Vec<Candidate> {
     candidates
 }
 
-/// Connects to the agent following the discovery rule.
+/// Connects to the agent's token service following the discovery rule.
 pub async fn connect(
     explicit: Option<&Path>,
     env: &dyn Env,
 ) -> Result<TokenServiceClient<Channel>, Unreachable> {
+    connect_channel(explicit, env)
+        .await
+        .map(TokenServiceClient::new)
+}
+
+/// A channel to the agent, for any of its services, following the rule.
+pub async fn connect_channel(
+    explicit: Option<&Path>,
+    env: &dyn Env,
+) -> Result<Channel, Unreachable> {
     let candidates = candidates(explicit, env);
     let named = candidates.len() == 1 && candidates[0].named_by != "system default";
     let mut attempts = Vec::new();
@@ -108,8 +118,8 @@ pub async fn connect(
             });
             continue;
         }
-        return match connect_path(&candidate.path).await {
-            Ok(client) => Ok(client),
+        return match channel(&candidate.path).await {
+            Ok(channel) => Ok(channel),
             Err(error) => {
                 attempts.push(Attempt {
                     candidate,

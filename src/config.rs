@@ -25,6 +25,8 @@ pub const ENV_CONFIG: &str = "SKYKIT_AGENT_CONFIG";
 pub const ENV_SOCKET: &str = "SKYKIT_AGENT_SOCKET";
 /// Set by systemd to the service's runtime directory.
 pub const ENV_RUNTIME_DIRECTORY: &str = "RUNTIME_DIRECTORY";
+/// Set by systemd to the folder of the service's credentials (`LoadCredential=`).
+pub const ENV_CREDENTIALS_DIRECTORY: &str = "CREDENTIALS_DIRECTORY";
 /// The per-user runtime directory (`/run/user/UID`).
 pub const ENV_XDG_RUNTIME_DIR: &str = "XDG_RUNTIME_DIR";
 /// Where root keeps the config and the key.
@@ -41,6 +43,8 @@ pub const CONFIG_FILE: &str = "config.toml";
 pub const KEY_FILE: &str = "private.pem";
 /// The identity that flags alone define.
 pub const DEFAULT_IDENTITY: &str = "default";
+/// Only the agent's own user may connect unless the config says otherwise.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o600;
 
 /// Reads environment variables; tests pass a map instead of the process's.
 pub trait Env {
@@ -75,8 +79,19 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// Where the agent listens.
     pub socket: PathBuf,
+    /// The mode of a socket the agent binds itself (not of one systemd passes).
+    pub socket_mode: u32,
+    /// The group given a socket the agent binds itself, and its directory.
+    pub socket_group: Option<Group>,
     /// Invariant: not empty, names unique, exactly one marked default.
     pub identities: Vec<IdentityConfig>,
+}
+
+/// A group the socket is given, resolved when the config loads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub name: String,
+    pub gid: u32,
 }
 
 /// One `[[identity]]`: an issuer and the key that signs for it.
@@ -84,10 +99,14 @@ pub struct Config {
 pub struct IdentityConfig {
     pub name: String,
     pub issuer: String,
+    /// The key file: `key`, or `key_credential` inside `$CREDENTIALS_DIRECTORY`.
     pub key: PathBuf,
     pub lifetime: Lifetime,
     pub default: bool,
     pub allow_insecure_key_permissions: bool,
+    /// The key is a systemd credential: systemd controls its access, so
+    /// its permissions are not checked.
+    pub key_is_credential: bool,
 }
 
 impl Config {
@@ -166,16 +185,21 @@ impl std::error::Error for Problems {}
 pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<Config, Problems> {
     let mut problems = Vec::new();
     let file = config_file(overrides, env, context, &mut problems);
-    let (socket_in_file, mut identities) = match &file {
-        Some((path, text)) => parse_file(path, text, &mut problems),
-        None => (None, Vec::new()),
+    let credentials = env.non_empty(ENV_CREDENTIALS_DIRECTORY).map(PathBuf::from);
+    let parsed = match &file {
+        Some((path, text)) => parse_file(path, text, credentials.as_deref(), &mut problems),
+        None => FileSettings::default(),
     };
+    let socket_in_file = parsed.socket;
+    let mut identities = parsed.identities;
     apply_overrides(overrides, context, &mut identities, &mut problems);
     let socket = socket_path(overrides, env, context, socket_in_file, &mut problems);
     match socket {
         Some(socket) if problems.is_empty() => Ok(Config {
             file: file.map(|(path, _)| path),
             socket,
+            socket_mode: parsed.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
+            socket_group: parsed.socket_group,
             identities,
         }),
         _ => Err(Problems(problems)),
@@ -223,11 +247,21 @@ struct RawIdentity {
     identity: IdentityConfig,
 }
 
+/// What the file sets; `None` leaves the choice to flags and defaults.
+#[derive(Default)]
+struct FileSettings {
+    socket: Option<PathBuf>,
+    socket_mode: Option<u32>,
+    socket_group: Option<Group>,
+    identities: Vec<IdentityConfig>,
+}
+
 fn parse_file(
     path: &Path,
     text: &str,
+    credentials: Option<&Path>,
     problems: &mut Vec<String>,
-) -> (Option<PathBuf>, Vec<IdentityConfig>) {
+) -> FileSettings {
     let at =
         |span: std::ops::Range<usize>| format!("{}:{}", path.display(), line_of(text, span.start));
     let (document, syntax_errors) = DeTable::parse_recoverable(text);
@@ -240,14 +274,30 @@ fn parse_file(
         ));
     }
     let base = path.parent().unwrap_or(Path::new("."));
-    let mut socket = None;
+    let mut settings = FileSettings::default();
     let mut raw = Vec::new();
     for (key, value) in document.get_ref() {
         let here = at(key.span());
         match key.get_ref().as_ref() {
             "socket" => {
                 if let Some(text) = expect_str(value, &here, "socket", problems) {
-                    socket = Some(base.join(text));
+                    settings.socket = Some(base.join(text));
+                }
+            }
+            "socket_mode" => {
+                if let Some(text) = expect_str(value, &here, "socket_mode", problems) {
+                    match parse_mode(text) {
+                        Ok(mode) => settings.socket_mode = Some(mode),
+                        Err(problem) => problems.push(format!("{here}: {problem}")),
+                    }
+                }
+            }
+            "socket_group" => {
+                if let Some(text) = expect_str(value, &here, "socket_group", problems) {
+                    match resolve_group(text) {
+                        Ok(group) => settings.socket_group = Some(group),
+                        Err(problem) => problems.push(format!("{here}: {problem}")),
+                    }
                 }
             }
             "identity" => match value.get_ref() {
@@ -256,7 +306,9 @@ fn parse_file(
                         let here = at(table.span());
                         match table.get_ref() {
                             DeValue::Table(fields) => {
-                                if let Some(identity) = parse_identity(fields, base, &at, &here, problems) {
+                                if let Some(identity) =
+                                    parse_identity(fields, base, credentials, &at, &here, problems)
+                                {
                                     raw.push(RawIdentity {
                                         line: line_of(text, table.span().start),
                                         identity,
@@ -272,13 +324,13 @@ fn parse_file(
                 )),
             },
             other => problems.push(format!(
-                "{here}: unknown key `{other}`; expected one of: socket, identity"
+                "{here}: unknown key `{other}`; expected one of: {TOP_LEVEL_KEYS}"
             )),
         }
     }
     check_duplicates(path, &raw, problems);
     let single = raw.len() == 1;
-    let identities = raw
+    settings.identities = raw
         .into_iter()
         .map(|mut raw| {
             // One identity is the default whether or not it says so.
@@ -286,14 +338,17 @@ fn parse_file(
             raw.identity
         })
         .collect();
-    (socket, identities)
+    settings
 }
 
-const IDENTITY_KEYS: &str = "name, issuer, key, lifetime, default, allow_insecure_key_permissions";
+const TOP_LEVEL_KEYS: &str = "socket, socket_mode, socket_group, identity";
+const IDENTITY_KEYS: &str =
+    "name, issuer, key, key_credential, lifetime, default, allow_insecure_key_permissions";
 
 fn parse_identity(
     fields: &DeTable<'_>,
     base: &Path,
+    credentials: Option<&Path>,
     at: &dyn Fn(std::ops::Range<usize>) -> String,
     here: &str,
     problems: &mut Vec<String>,
@@ -302,6 +357,7 @@ fn parse_identity(
     let mut name = None;
     let mut issuer = None;
     let mut key = None;
+    let mut credential = None;
     let mut lifetime = Lifetime::MAX;
     let mut default = false;
     let mut allow_insecure = false;
@@ -311,6 +367,10 @@ fn parse_identity(
             "name" => name = expect_str(value, &where_, "name", problems).map(str::to_owned),
             "issuer" => issuer = expect_str(value, &where_, "issuer", problems).map(str::to_owned),
             "key" => key = expect_str(value, &where_, "key", problems).map(|text| base.join(text)),
+            "key_credential" => {
+                credential = expect_str(value, &where_, "key_credential", problems)
+                    .and_then(|name| credential_path(name, credentials, &where_, problems))
+            }
             "lifetime" => {
                 if let Some(text) = expect_str(value, &where_, "lifetime", problems) {
                     match parse_lifetime(text) {
@@ -346,7 +406,13 @@ fn parse_identity(
             }
         }
     }
-    let key = key.unwrap_or_else(|| base.join(KEY_FILE));
+    if key.is_some() && credential.is_some() {
+        problems.push(format!(
+            "{here}: [[identity]] {name:?} sets both `key` and `key_credential`: keep one"
+        ));
+    }
+    let key_is_credential = credential.is_some();
+    let key = credential.or(key).unwrap_or_else(|| base.join(KEY_FILE));
     (problems.len() == before).then(|| IdentityConfig {
         name,
         issuer: issuer.unwrap_or_default(),
@@ -354,6 +420,7 @@ fn parse_identity(
         lifetime,
         default,
         allow_insecure_key_permissions: allow_insecure,
+        key_is_credential,
     })
 }
 
@@ -406,6 +473,7 @@ fn apply_overrides(
         }
         if let Some(key) = &overrides.key {
             identity.key = key.clone();
+            identity.key_is_credential = false;
         }
         if let Some(lifetime) = overrides.lifetime {
             identity.lifetime = lifetime;
@@ -426,6 +494,7 @@ fn apply_overrides(
             lifetime: overrides.lifetime.unwrap_or(Lifetime::MAX),
             default: true,
             allow_insecure_key_permissions: false,
+            key_is_credential: false,
         }),
         None => problems.push(format!(
             "no identity is configured: pass --issuer EMAIL (the email your public key is registered with), or write an [[identity]] in {}",
@@ -477,6 +546,62 @@ fn socket_path(
         "no socket path: pass --socket PATH, or set {ENV_SOCKET}, `socket` in the config, or {ENV_XDG_RUNTIME_DIR}"
     ));
     None
+}
+
+/// The file of credential `name` that systemd placed in `$CREDENTIALS_DIRECTORY`.
+fn credential_path(
+    name: &str,
+    credentials: Option<&Path>,
+    here: &str,
+    problems: &mut Vec<String>,
+) -> Option<PathBuf> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        problems.push(format!(
+            "{here}: key_credential {name:?} is not a credential name: use the name given to LoadCredential=, such as \"private.pem\""
+        ));
+        return None;
+    }
+    match credentials {
+        Some(dir) => Some(dir.join(name)),
+        None => {
+            problems.push(format!(
+                "{here}: key_credential {name:?} needs ${ENV_CREDENTIALS_DIRECTORY}, which systemd sets for a service with LoadCredential=; outside systemd, use `key` instead"
+            ));
+            None
+        }
+    }
+}
+
+/// A socket mode written as octal digits, such as "0660".
+fn parse_mode(text: &str) -> Result<u32, String> {
+    let valid =
+        !text.is_empty() && text.len() <= 4 && text.bytes().all(|b| (b'0'..=b'7').contains(&b));
+    match u32::from_str_radix(text, 8) {
+        Ok(mode) if valid && mode <= 0o777 => Ok(mode),
+        _ => Err(format!(
+            "socket_mode {text:?} is not a file mode: write octal permission bits as a string, such as \"0660\""
+        )),
+    }
+}
+
+/// A group name (or numeric gid) resolved through the system's group database.
+fn resolve_group(name: &str) -> Result<Group, String> {
+    if let Ok(gid) = name.parse::<u32>() {
+        return Ok(Group {
+            name: name.to_owned(),
+            gid,
+        });
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(group)) => Ok(Group {
+            name: name.to_owned(),
+            gid: group.gid.as_raw(),
+        }),
+        Ok(None) => Err(format!(
+            "socket_group {name:?} is not a group on this system: create it (e.g. with systemd-sysusers) or name an existing one"
+        )),
+        Err(error) => Err(format!("cannot look up socket_group {name:?}: {error}")),
+    }
 }
 
 /// A lifetime as written in the config or on the command line.

@@ -95,7 +95,8 @@ impl Identities {
 
 fn load_one(config: &IdentityConfig) -> Result<Identity, Error> {
     let options = LoadOptions {
-        allow_insecure_permissions: config.allow_insecure_key_permissions,
+        allow_insecure_permissions: config.allow_insecure_key_permissions
+            || config.key_is_credential,
     };
     let key = SigningKey::load(&config.key, options).map_err(|source| Error::Key {
         name: config.name.clone(),

@@ -6,6 +6,10 @@ use std::{
     future::Future as _,
     io,
     pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll},
     time::Duration,
 };
@@ -67,6 +71,23 @@ impl fmt::Display for Peer {
 pub struct PeerStream {
     stream: UnixStream,
     peer: Peer,
+    _open: OpenConnection,
+}
+
+/// Counts a connection as open for as long as it lives.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Connected for PeerStream {
@@ -125,13 +146,16 @@ impl AsyncWrite for PeerStream {
 pub struct Incoming {
     listener: UnixListener,
     backoff: Option<Pin<Box<Sleep>>>,
+    /// Open connections, for status reports.
+    open: Arc<AtomicUsize>,
 }
 
 impl Incoming {
-    pub fn new(listener: UnixListener) -> Self {
+    pub fn new(listener: UnixListener, open: Arc<AtomicUsize>) -> Self {
         Incoming {
             listener,
             backoff: None,
+            open,
         }
     }
 }
@@ -154,7 +178,12 @@ impl Stream for Incoming {
                             pid = peer.pid,
                             "accepted connection"
                         );
-                        return Poll::Ready(Some(Ok(PeerStream { stream, peer })));
+                        let open = OpenConnection::new(&self.open);
+                        return Poll::Ready(Some(Ok(PeerStream {
+                            stream,
+                            peer,
+                            _open: open,
+                        })));
                     }
                     Err(error) => {
                         tracing::warn!(%error, "dropped a connection whose peer credentials could not be read");

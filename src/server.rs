@@ -14,9 +14,12 @@ use crate::{
     identity::Registry,
     peer::{Incoming, Peer},
     proto::{
-        FILE_DESCRIPTOR_SET, GetTokenRequest, GetTokenResponse,
+        CacheEntryStatus, FILE_DESCRIPTOR_SET, GetStatusRequest, GetStatusResponse,
+        GetTokenRequest, GetTokenResponse, IdentityStatus, KeyProtection, ReloadStatus,
+        agent_service_server::{AgentService, AgentServiceServer},
         token_service_server::{TokenService, TokenServiceServer},
     },
+    status::Tracker,
     token::{Lifetime, LimitError},
 };
 
@@ -26,17 +29,22 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 /// The cache as the server uses it: real clocks, keys from the registry.
 pub type AgentCache = Cache<Arc<Registry>, SystemClock>;
 
-/// The `skykit.agent.v1.TokenService` implementation.
+/// The `skykit.agent.v1` services: `TokenService` and `AgentService`.
 #[derive(Clone)]
 pub struct Service {
     registry: Arc<Registry>,
     cache: AgentCache,
+    tracker: Arc<Tracker>,
 }
 
 impl Service {
-    pub fn new(registry: Arc<Registry>) -> Self {
+    pub fn new(registry: Arc<Registry>, tracker: Arc<Tracker>) -> Self {
         let cache = Cache::new(registry.clone(), SystemClock);
-        Service { registry, cache }
+        Service {
+            registry,
+            cache,
+            tracker,
+        }
     }
 
     /// The cache, for status reporting and sweeping.
@@ -96,16 +104,95 @@ impl TokenService for Service {
     }
 }
 
+#[tonic::async_trait]
+impl AgentService for Service {
+    async fn get_status(
+        &self,
+        request: Request<GetStatusRequest>,
+    ) -> Result<Response<GetStatusResponse>, Status> {
+        let caller = request
+            .extensions()
+            .get::<Peer>()
+            .copied()
+            .unwrap_or(Peer::UNKNOWN);
+        let own = rustix::process::geteuid().as_raw();
+        if caller.uid != 0 && caller.uid != own {
+            return Err(Status::permission_denied(format!(
+                "the agent's status is for root and uid {own} (the agent's user) only; uid {} may not read it",
+                caller.uid
+            )));
+        }
+        Ok(Response::new(self.status()))
+    }
+}
+
+impl Service {
+    fn status(&self) -> GetStatusResponse {
+        let identities = self.registry.current();
+        let default_name = identities.resolve("").map(|identity| identity.name.clone());
+        GetStatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            started_at: Some(self.tracker.started_at.into()),
+            socket: self.tracker.socket.display().to_string(),
+            identities: identities
+                .iter()
+                .map(|identity| IdentityStatus {
+                    name: identity.name.to_string(),
+                    issuer: identity.issuer.to_string(),
+                    key_id: identity.key.key_id().to_owned(),
+                    default_lifetime: Some(duration(identity.lifetime)),
+                    default: Some(&identity.name) == default_name.as_ref(),
+                })
+                .collect(),
+            cache_entries: self
+                .cache
+                .snapshot()
+                .into_iter()
+                .map(|entry| CacheEntryStatus {
+                    identity: entry.identity.to_string(),
+                    lifetime: Some(duration(entry.lifetime)),
+                    issued_at: Some(seconds(entry.issued_at)),
+                    expires_at: Some(seconds(entry.expires_at)),
+                    refresh_after: Some(since_epoch(entry.refresh_after)),
+                })
+                .collect(),
+            last_reload: self.tracker.last_reload().map(|reload| ReloadStatus {
+                finished_at: Some(reload.finished_at.into()),
+                ok: reload.error.is_none(),
+                error: reload.error.unwrap_or_default(),
+            }),
+            open_connections: self
+                .tracker
+                .open_connections
+                .load(std::sync::atomic::Ordering::Relaxed) as u32,
+            key_protection: Some(KeyProtection {
+                state: "unknown".to_owned(),
+            }),
+        }
+    }
+}
+
+fn duration(lifetime: Lifetime) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::from(lifetime.secs()),
+        nanos: 0,
+    }
+}
+
+fn since_epoch(time: Duration) -> Timestamp {
+    Timestamp {
+        seconds: time.as_secs() as i64,
+        nanos: time.subsec_nanos() as i32,
+    }
+}
+
 fn response(issued: &Issued, identity: &str) -> GetTokenResponse {
     let token = &issued.token;
     GetTokenResponse {
         token: token.jws.to_string(),
         issued_at: Some(seconds(token.issued_at)),
         expires_at: Some(seconds(token.expires_at)),
-        refresh_after: Some(Timestamp {
-            seconds: issued.refresh_after.as_secs() as i64,
-            nanos: issued.refresh_after.subsec_nanos() as i32,
-        }),
+        refresh_after: Some(since_epoch(issued.refresh_after)),
         issuer: token.issuer.to_string(),
         identity: identity.to_owned(),
         key_id: token.key_id.to_string(),
@@ -177,12 +264,14 @@ pub async fn run(
         let _ = draining.send(());
     };
     let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));
+    let incoming = Incoming::new(listener, service.tracker.open_connections.clone());
     let server = Server::builder()
-        .add_service(TokenServiceServer::new(service))
+        .add_service(TokenServiceServer::new(service.clone()))
+        .add_service(AgentServiceServer::new(service))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .serve_with_incoming_shutdown(Incoming::new(listener), signal);
+        .serve_with_incoming_shutdown(incoming, signal);
     let result = tokio::select! {
         biased;
         result = server => result.map_err(Error::from),

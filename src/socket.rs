@@ -16,10 +16,10 @@ use rustix::{
     net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType},
 };
 
-/// The socket's mode: only the agent's own user may connect.
-const SOCKET_MODE: u32 = 0o600;
-/// A socket directory the agent creates is private to its user.
-const DIRECTORY_MODE: u32 = 0o700;
+/// A socket directory the agent creates is private to its user...
+const PRIVATE_DIRECTORY_MODE: u32 = 0o700;
+/// ...or, when the socket has a group, traversable by that group too.
+const GROUP_DIRECTORY_MODE: u32 = 0o750;
 /// Pending connections the kernel queues before `accept`.
 const BACKLOG: i32 = 1024;
 
@@ -41,6 +41,16 @@ pub enum Error {
         path.display()
     )]
     TooLong { path: PathBuf, length: usize },
+    #[error(
+        "cannot give {} to group {gid}: {source}; the agent's user must be a member of socket_group",
+        path.display()
+    )]
+    Group {
+        path: PathBuf,
+        gid: u32,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create socket directory {}: {source}", path.display())]
     Directory {
         path: PathBuf,
@@ -91,9 +101,18 @@ impl Drop for BoundSocket {
     }
 }
 
-/// Binds `path` with mode 0600, replacing a stale socket left by a crashed
-/// agent but refusing a live one, a regular file or a symlink.
-pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
+/// Who may connect to a socket the agent binds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Access {
+    /// Permission bits of the socket file, e.g. 0o600.
+    pub mode: u32,
+    /// The socket file's group (and its directory's, if the agent creates it).
+    pub group: Option<u32>,
+}
+
+/// Binds `path` with the given access, replacing a stale socket left by a
+/// crashed agent but refusing a live one, a regular file or a symlink.
+pub fn bind(path: &Path, access: Access) -> Result<BoundSocket, Error> {
     let length = path.as_os_str().len();
     if length > 107 {
         return Err(Error::TooLong {
@@ -101,7 +120,7 @@ pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
             length,
         });
     }
-    prepare_directory(path)?;
+    prepare_directory(path, access.group)?;
     remove_if_stale(path)?;
     let bind_error = |source: io::Error| Error::Bind {
         path: path.to_owned(),
@@ -121,9 +140,18 @@ pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
         },
         other => bind_error(other.into()),
     })?;
-    // Connecting needs a listening socket, so setting the mode before
+    // Connecting needs a listening socket, so setting owner and mode before
     // listen(2) leaves no window in which another user could connect.
-    rustix::fs::chmod(path, Mode::from_raw_mode(SOCKET_MODE))
+    if let Some(gid) = access.group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid))).map_err(|errno| {
+            Error::Group {
+                path: path.to_owned(),
+                gid,
+                source: errno.into(),
+            }
+        })?;
+    }
+    rustix::fs::chmod(path, Mode::from_raw_mode(access.mode))
         .map_err(|errno| bind_error(errno.into()))?;
     rustix::net::listen(&socket, BACKLOG).map_err(|errno| bind_error(errno.into()))?;
     let metadata = fs::symlink_metadata(path).map_err(bind_error)?;
@@ -134,7 +162,7 @@ pub fn bind(path: &Path) -> Result<BoundSocket, Error> {
     })
 }
 
-fn prepare_directory(path: &Path) -> Result<(), Error> {
+fn prepare_directory(path: &Path, group: Option<u32>) -> Result<(), Error> {
     let Some(parent) = path
         .parent()
         .filter(|parent| !parent.as_os_str().is_empty())
@@ -144,14 +172,24 @@ fn prepare_directory(path: &Path) -> Result<(), Error> {
     if parent.exists() {
         return Ok(());
     }
+    let directory_error = |source: io::Error| Error::Directory {
+        path: parent.to_owned(),
+        source,
+    };
+    // Created private first and only then opened to the group, so the
+    // directory is never wider than intended.
     fs::DirBuilder::new()
         .recursive(true)
-        .mode(DIRECTORY_MODE)
+        .mode(PRIVATE_DIRECTORY_MODE)
         .create(parent)
-        .map_err(|source| Error::Directory {
-            path: parent.to_owned(),
-            source,
-        })
+        .map_err(directory_error)?;
+    if let Some(gid) = group {
+        rustix::fs::chown(parent, None, Some(rustix::fs::Gid::from_raw(gid)))
+            .map_err(|errno| directory_error(errno.into()))?;
+        rustix::fs::chmod(parent, Mode::from_raw_mode(GROUP_DIRECTORY_MODE))
+            .map_err(|errno| directory_error(errno.into()))?;
+    }
+    Ok(())
 }
 
 /// Removes a socket file nobody listens on; refuses anything else.

@@ -70,6 +70,7 @@ fn one_identity_from_the_file_with_defaults() {
             lifetime: Lifetime::MAX,
             default: true,
             allow_insecure_key_permissions: false,
+            key_is_credential: false,
         }]
     );
     assert_eq!(config.socket, PathBuf::from("/xdg/skykit-agent/agent.sock"));

@@ -41,6 +41,8 @@ async fn start() -> Running {
     let config = Config {
         file: None,
         socket: socket_path.clone(),
+        socket_mode: 0o600,
+        socket_group: None,
         identities: vec![IdentityConfig {
             name: "default".into(),
             issuer: "test@example.com".into(),
@@ -48,16 +50,22 @@ async fn start() -> Running {
             lifetime: Lifetime::MAX,
             default: true,
             allow_insecure_key_permissions: false,
+            key_is_credential: false,
         }],
     };
     let registry = Arc::new(Registry::new(Identities::load(&config).unwrap()));
-    let mut bound = socket::bind(&socket_path).unwrap();
+    let access = socket::Access {
+        mode: 0o600,
+        group: None,
+    };
+    let mut bound = socket::bind(&socket_path, access).unwrap();
     let listener = UnixListener::from_std(bound.take_listener().unwrap()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
+    let tracker = Arc::new(crate::status::Tracker::new(socket_path.clone()));
     let server = tokio::spawn(async move {
         let result = run(
             listener,
-            Service::new(registry),
+            Service::new(registry, tracker),
             async {
                 let _ = stopped.await;
             },
@@ -155,6 +163,7 @@ async fn reflection_v1_lists_every_service() {
         [
             "grpc.health.v1.Health",
             "grpc.reflection.v1.ServerReflection",
+            "skykit.agent.v1.AgentService",
             "skykit.agent.v1.TokenService"
         ]
     );

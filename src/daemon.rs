@@ -1,0 +1,242 @@
+//! The `serve` lifecycle: take the socket systemd passed or bind one, tell
+//! systemd when tokens can be served, reload config and keys on SIGHUP
+//! without dropping a request, and stop on SIGTERM or SIGINT.
+
+use std::{
+    fmt,
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{
+    config::{self, Config, Context, Overrides, Problems, ProcessEnv},
+    identity::{self, Identities, Registry},
+    server::{self, AgentCache, Service},
+    signal::Shutdown,
+    socket::{self, Access, BoundSocket},
+    status::{Reload, Tracker},
+    systemd,
+};
+
+/// How long calls in flight may take to finish after SIGTERM; well under
+/// systemd's default stop timeout of 90 s.
+const DRAIN_GRACE: Duration = Duration::from_secs(10);
+
+/// Loads config and keys the same way at start, on reload and for `check`.
+#[derive(Debug, Clone)]
+pub struct Loader {
+    pub overrides: Overrides,
+    pub context: Context,
+}
+
+/// Why config or keys could not be loaded.
+#[derive(Debug)]
+pub enum LoadError {
+    Config(Problems),
+    Keys(Vec<identity::Error>),
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LoadError::Config(problems) => write!(f, "{problems}"),
+            LoadError::Keys(errors) => {
+                let lines: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                write!(f, "{}", lines.join("\n"))
+            }
+        }
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+impl Loader {
+    /// Resolves the config and loads and self-tests every key.
+    pub fn load(&self) -> Result<(Config, Identities), LoadError> {
+        let config =
+            config::load(&self.overrides, &ProcessEnv, &self.context).map_err(LoadError::Config)?;
+        let identities = Identities::load(&config).map_err(LoadError::Keys)?;
+        Ok((config, identities))
+    }
+}
+
+/// Serves until SIGTERM or SIGINT. Returns (rather than exiting) so the
+/// keys are dropped and zeroized on the way out.
+pub async fn run(loader: Loader, config: Config, identities: Identities) -> anyhow::Result<()> {
+    let shutdown = Shutdown::install().context("cannot install signal handlers")?;
+    let hangups = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
+    let (listener, bound) = listen(&config)?;
+    let socket_path = bound
+        .as_ref()
+        .map(|bound| bound.path().to_owned())
+        .or_else(|| listener.local_addr().ok()?.as_pathname().map(PathBuf::from))
+        .unwrap_or_default();
+    let listener =
+        tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
+    let tracker = Arc::new(Tracker::new(socket_path.clone()));
+    let registry = Arc::new(Registry::new(identities));
+    let service = Service::new(registry.clone(), tracker.clone());
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        socket = %socket_path.display(),
+        activated = bound.is_none(),
+        identities = %describe(&registry.current()),
+        "skykit-agent ready"
+    );
+    systemd::ready(&serving_status(&registry.current(), &socket_path));
+    let watchdog = tokio::spawn(systemd::watchdog());
+    let reloader = tokio::spawn(reload_on_hangup(
+        hangups,
+        loader,
+        config,
+        Reloadable {
+            registry,
+            cache: service.cache().clone(),
+            tracker,
+        },
+    ));
+    let stop = async {
+        shutdown.wait().await;
+        systemd::stopping();
+    };
+    let result = server::run(listener, service, stop, DRAIN_GRACE).await;
+    reloader.abort();
+    watchdog.abort();
+    drop(bound);
+    result?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The socket systemd passed, or one bound at the configured path.
+fn listen(
+    config: &Config,
+) -> anyhow::Result<(std::os::unix::net::UnixListener, Option<BoundSocket>)> {
+    if let Some(listener) =
+        systemd::activated_listener().context("cannot use the socket systemd passed")?
+    {
+        // systemd owns that socket file: the agent never removes it.
+        return Ok((listener, None));
+    }
+    let access = Access {
+        mode: config.socket_mode,
+        group: config.socket_group.as_ref().map(|group| group.gid),
+    };
+    let mut bound = socket::bind(&config.socket, access)?;
+    let listener = bound
+        .take_listener()
+        .context("the socket was already handed out")?;
+    Ok((listener, Some(bound)))
+}
+
+/// What a reload replaces.
+struct Reloadable {
+    registry: Arc<Registry>,
+    cache: AgentCache,
+    tracker: Arc<Tracker>,
+}
+
+async fn reload_on_hangup(
+    mut hangups: tokio::signal::unix::Signal,
+    loader: Loader,
+    mut config: Config,
+    live: Reloadable,
+) {
+    while hangups.recv().await.is_some() {
+        systemd::reloading();
+        tracing::info!("SIGHUP: reloading config and keys");
+        let outcome = reload(&loader, &mut config, &live).await;
+        let error = outcome.as_ref().err().map(ToString::to_string);
+        live.tracker.record_reload(Reload {
+            finished_at: SystemTime::now(),
+            error: error.clone(),
+        });
+        let socket = live.tracker.socket.clone();
+        match error {
+            None => systemd::ready(&serving_status(&live.registry.current(), &socket)),
+            Some(error) => {
+                tracing::error!(%error, "reload failed; still serving the previous config and keys");
+                systemd::ready(&format!(
+                    "reload failed, serving the previous config: {}",
+                    error.lines().next().unwrap_or_default()
+                ));
+            }
+        }
+    }
+}
+
+/// Loads everything first, off the reactor; then swaps it in at once.
+/// Calls in flight finish with the identities they started with.
+async fn reload(loader: &Loader, current: &mut Config, live: &Reloadable) -> Result<(), LoadError> {
+    let loader = loader.clone();
+    let (config, identities) = tokio::task::spawn_blocking(move || loader.load())
+        .await
+        .unwrap_or_else(|_| Err(LoadError::Keys(Vec::new())))?;
+    warn_about_unreloadable(current, &config);
+    let old = live.registry.current();
+    let changed: Vec<Arc<str>> = old
+        .iter()
+        .filter(|before| {
+            identities.resolve(&before.name).is_none_or(|after| {
+                after.key.key_id() != before.key.key_id() || after.issuer != before.issuer
+            })
+        })
+        .map(|identity| identity.name.clone())
+        .collect();
+    live.registry.replace(identities);
+    // Tokens of a changed key or issuer must not be served any more.
+    for name in &changed {
+        live.cache.forget(name);
+    }
+    tracing::info!(
+        identities = %describe(&live.registry.current()),
+        dropped_from_cache = ?changed,
+        "reloaded"
+    );
+    *current = config;
+    Ok(())
+}
+
+/// Settings that need a new listener: a reload cannot apply them.
+fn warn_about_unreloadable(before: &Config, after: &Config) {
+    let settings = [
+        ("socket", before.socket != after.socket),
+        ("socket_mode", before.socket_mode != after.socket_mode),
+        ("socket_group", before.socket_group != after.socket_group),
+    ];
+    for (setting, changed) in settings {
+        if changed {
+            tracing::warn!(
+                setting,
+                "this setting changed, but reload does not apply it: restart the agent to apply it"
+            );
+        }
+    }
+}
+
+fn describe(identities: &Identities) -> String {
+    let parts: Vec<String> = identities
+        .iter()
+        .map(|identity| {
+            format!(
+                "{} (iss {}, key_id {})",
+                identity.name,
+                identity.issuer,
+                identity.key.key_id()
+            )
+        })
+        .collect();
+    parts.join(", ")
+}
+
+fn serving_status(identities: &Identities, socket: &std::path::Path) -> String {
+    format!(
+        "serving {} on {}",
+        identities.names().join(", "),
+        socket.display()
+    )
+}
