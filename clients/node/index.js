@@ -1,0 +1,23 @@
+'use strict';
+
+/**
+ * skykit-agent-client: get Skykit API access tokens from the local
+ * skykit-agent over its Unix socket.
+ *
+ *   const { Client } = require('skykit-agent-client');
+ *   const client = new Client();
+ *   const { token } = await client.getToken();
+ */
+
+const { Client } = require('./lib/client');
+const { candidates, SYSTEM_SOCKET } = require('./lib/discovery');
+const { Token } = require('./lib/token');
+const errors = require('./lib/errors');
+
+module.exports = {
+  Client,
+  Token,
+  candidates,
+  SYSTEM_SOCKET,
+  ...errors,
+};
