@@ -192,7 +192,10 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
     };
     let socket_in_file = parsed.socket;
     let mut identities = parsed.identities;
-    apply_overrides(overrides, context, &mut identities, &mut problems);
+    if !parsed.declares_identities {
+        add_identity_from_flags(overrides, context, &mut identities, &mut problems);
+    }
+    apply_overrides(overrides, &mut identities, &mut problems);
     let socket = socket_path(overrides, env, context, socket_in_file, &mut problems);
     match socket {
         Some(socket) if problems.is_empty() => Ok(Config {
@@ -254,6 +257,8 @@ struct FileSettings {
     socket_mode: Option<u32>,
     socket_group: Option<Group>,
     identities: Vec<IdentityConfig>,
+    /// The file has `[[identity]]` sections, even if some were invalid.
+    declares_identities: bool,
 }
 
 fn parse_file(
@@ -302,6 +307,7 @@ fn parse_file(
             }
             "identity" => match value.get_ref() {
                 DeValue::Array(tables) => {
+                    settings.declares_identities |= !tables.is_empty();
                     for table in tables.iter() {
                         let here = at(table.span());
                         match table.get_ref() {
@@ -456,33 +462,38 @@ fn check_duplicates(path: &Path, raw: &[RawIdentity], problems: &mut Vec<String>
     }
 }
 
-/// `--key`, `--issuer` and `--lifetime` change the default identity, or
-/// define the `default` identity when the file defines none.
+/// `--key`, `--issuer` and `--lifetime` change the default identity.
 fn apply_overrides(
     overrides: &Overrides,
-    context: &Context,
-    identities: &mut Vec<IdentityConfig>,
+    identities: &mut [IdentityConfig],
     problems: &mut Vec<String>,
 ) {
     if let Some(Err(problem)) = overrides.issuer.as_deref().map(check_issuer) {
         problems.push(format!("--issuer: {problem}"));
     }
-    if let Some(identity) = identities.iter_mut().find(|identity| identity.default) {
-        if let Some(issuer) = &overrides.issuer {
-            identity.issuer = issuer.clone();
-        }
-        if let Some(key) = &overrides.key {
-            identity.key = key.clone();
-            identity.key_is_credential = false;
-        }
-        if let Some(lifetime) = overrides.lifetime {
-            identity.lifetime = lifetime;
-        }
+    let Some(identity) = identities.iter_mut().find(|identity| identity.default) else {
         return;
+    };
+    if let Some(issuer) = &overrides.issuer {
+        identity.issuer = issuer.clone();
     }
-    if !identities.is_empty() {
-        return;
+    if let Some(key) = &overrides.key {
+        identity.key = key.clone();
+        identity.key_is_credential = false;
     }
+    if let Some(lifetime) = overrides.lifetime {
+        identity.lifetime = lifetime;
+    }
+}
+
+/// With no `[[identity]]` in a file (or no file), the flags define the
+/// `default` identity, and `--issuer` is required.
+fn add_identity_from_flags(
+    overrides: &Overrides,
+    context: &Context,
+    identities: &mut Vec<IdentityConfig>,
+    problems: &mut Vec<String>,
+) {
     match &overrides.issuer {
         Some(issuer) => identities.push(IdentityConfig {
             name: DEFAULT_IDENTITY.to_owned(),

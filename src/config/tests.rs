@@ -250,6 +250,15 @@ surprise = 1
 }
 
 #[test]
+fn a_broken_identity_is_not_also_reported_as_missing() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nname = \"a\"\n");
+    let problems = setup.problems();
+    assert_eq!(problems.len(), 1, "{problems:#?}");
+    check(&problems, &["no `issuer`"]);
+}
+
+#[test]
 fn bad_durations_are_explained() {
     let setup = Setup::new();
     setup.file("[[identity]]\nissuer = \"a@x.io\"\nlifetime = \"ten minutes\"\n");
