@@ -1,1 +1,12 @@
+//! End-to-end tests: the real `skykit-agent` binary on a socket in a temp
+//! dir, one module per feature; `support` holds the shared helpers.
 
+mod config;
+mod keygen;
+mod keys;
+mod serve;
+mod signal;
+mod socket;
+mod support;
+mod token;
+mod units;

@@ -1,0 +1,401 @@
+//! The systemd units in `systemd/`: `systemd-analyze verify` accepts them
+//! pointed at the built binary, the shipped service keeps its documented
+//! `ExecStart=` and hardening (exposure 1.0 or lower), the socket keeps its
+//! permissions, and the example config and sysusers.d file are sound.
+//!
+//! These tests need systemd's tools (`systemd-analyze`, `systemd-sysusers`)
+//! but not a running systemd, and fail loudly when a tool is missing rather
+//! than pass without checking anything.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+};
+
+use crate::support::{BIN, Dir, run};
+
+/// The exact `ExecStart=` line the README and the issue document.
+const EXEC_START: &str =
+    "ExecStart=/usr/bin/skykit-agent serve --config /etc/skykit-agent/config.toml";
+/// `systemd-analyze security --threshold` counts tenths: 10 is an exposure of 1.0.
+const MAX_EXPOSURE_TENTHS: u32 = 10;
+/// Where the shipped units name the binary, replaced in the copies.
+const SYSTEM_BINARY: &str = "/usr/bin/skykit-agent";
+const USER_BINARY: &str = "%h/.cargo/bin/skykit-agent";
+
+fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+fn read(path: &Path) -> String {
+    fs::read_to_string(path)
+        .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
+}
+
+/// Runs a systemd tool (scrubbed environment plus `env`); a missing tool
+/// fails the test, naming the package to install.
+fn systemd_tool(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
+    if let Err(error) = Command::new(program).arg("--version").output() {
+        panic!(
+            "cannot run `{program}`: {error}; these tests need systemd's tools \
+             (Debian/Ubuntu: apt-get install systemd), not a running systemd"
+        );
+    }
+    let mut command = Command::new(program);
+    command
+        .env_clear()
+        .env(
+            "PATH",
+            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
+        )
+        // Plain ASCII output, no pager, no colours, whatever the caller's terminal.
+        .env("LANG", "C")
+        .env("SYSTEMD_PAGER", "cat")
+        .env("SYSTEMD_COLORS", "0")
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    run(command)
+}
+
+fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// Copies units from `from` into `to` under their own names (so
+/// `Requires=skykit-agent.socket` still finds its socket), with every
+/// `binary` replaced by the built binary; returns the copies.
+fn copy_units(from: &Path, names: &[&str], binary: &str, to: &Path) -> Vec<PathBuf> {
+    // `%` starts a specifier in unit files; a literal one is written `%%`.
+    let built = BIN.replace('%', "%%");
+    assert!(
+        !built.contains(char::is_whitespace),
+        "the built binary's path {BIN} contains whitespace, which unit files would split"
+    );
+    names
+        .iter()
+        .map(|name| {
+            let text = read(&from.join(name));
+            let copy = to.join(name);
+            if name.ends_with(".service") {
+                for key in ["ExecStart=", "ExecReload="] {
+                    assert!(
+                        text.lines()
+                            .any(|line| line.starts_with(key) && line.contains(binary)),
+                        "{name}: expected an {key} line running {binary}"
+                    );
+                }
+            }
+            fs::write(&copy, text.replace(binary, &built)).expect("write a unit copy");
+            copy
+        })
+        .collect()
+}
+
+/// `systemd-analyze verify --man=no` (system or user manager) on `units`:
+/// it must print nothing at all, since it exits 0 on some warnings.
+fn verify(dir: &Dir, user: bool, units: &[PathBuf]) -> Output {
+    // A user manager needs a runtime directory (for %t); give it a private one.
+    let runtime = dir.join("xdg-runtime");
+    fs::create_dir_all(&runtime).expect("create a runtime dir");
+    let mut args = vec!["verify", "--man=no"];
+    if user {
+        args.push("--user");
+    }
+    let units: Vec<&str> = units
+        .iter()
+        .map(|unit| unit.to_str().expect("a UTF-8 temp path"))
+        .collect();
+    args.extend(units);
+    systemd_tool(
+        "systemd-analyze",
+        &args,
+        &[("HOME", dir.path()), ("XDG_RUNTIME_DIR", &runtime)],
+    )
+}
+
+fn assert_verifies_silently(dir: &Dir, user: bool, units: &[PathBuf]) {
+    let output = verify(dir, user, units);
+    assert!(
+        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+        "systemd-analyze verify{} must accept {units:?} without a word:\n{}",
+        if user { " --user" } else { "" },
+        describe(&output)
+    );
+}
+
+#[test]
+fn system_units_verify_without_output() {
+    let dir = Dir::new();
+    let units = copy_units(
+        &systemd_dir(),
+        &["skykit-agent.socket", "skykit-agent.service"],
+        SYSTEM_BINARY,
+        dir.path(),
+    );
+    assert_verifies_silently(&dir, false, &units);
+}
+
+#[test]
+fn user_units_verify_without_output() {
+    let dir = Dir::new();
+    let units = copy_units(
+        &systemd_dir().join("user"),
+        &["skykit-agent.socket", "skykit-agent.service"],
+        USER_BINARY,
+        dir.path(),
+    );
+    assert_verifies_silently(&dir, true, &units);
+}
+
+/// The verify tests would be worthless if verify ignored the binary: with
+/// `ExecStart=` pointing nowhere it must complain.
+#[test]
+fn verify_rejects_a_missing_binary() {
+    let dir = Dir::new();
+    let from = systemd_dir();
+    let socket = dir.join("skykit-agent.socket");
+    fs::copy(from.join("skykit-agent.socket"), &socket).expect("copy the socket unit");
+    let missing = dir.join("no-such-skykit-agent");
+    let service = dir.join("skykit-agent.service");
+    let text = read(&from.join("skykit-agent.service"))
+        .replace(SYSTEM_BINARY, missing.to_str().expect("a UTF-8 temp path"));
+    fs::write(&service, text).expect("write a unit copy");
+    let output = verify(&dir, false, &[socket, service]);
+    let all = describe(&output);
+    assert!(
+        !output.status.success() && all.contains("no-such-skykit-agent"),
+        "systemd-analyze verify should reject a missing binary:\n{all}"
+    );
+}
+
+/// The `Key=value` settings of a unit file, in order, without comments.
+fn unit_settings(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with(['#', ';', '[']))
+        .filter_map(|line| line.split_once('='))
+        .map(|(key, value)| (key.trim().to_owned(), value.trim().to_owned()))
+        .collect()
+}
+
+fn values<'a>(settings: &'a [(String, String)], key: &str) -> Vec<&'a str> {
+    settings
+        .iter()
+        .filter(|(name, _)| name == key)
+        .map(|(_, value)| value.as_str())
+        .collect()
+}
+
+fn is_true(value: &str) -> bool {
+    matches!(
+        value.to_ascii_lowercase().as_str(),
+        "yes" | "true" | "1" | "on" | "y" | "t"
+    )
+}
+
+#[test]
+fn shipped_service_runs_the_documented_command() {
+    let text = read(&systemd_dir().join("skykit-agent.service"));
+    let exec_starts: Vec<&str> = text
+        .lines()
+        .filter(|line| line.trim_start().starts_with("ExecStart"))
+        .collect();
+    assert_eq!(exec_starts, [EXEC_START], "the shipped ExecStart= line");
+
+    let settings = unit_settings(&text);
+    assert_eq!(values(&settings, "Type"), ["notify"]);
+    assert_eq!(
+        values(&settings, "ExecReload"),
+        [
+            "/usr/bin/skykit-agent check --config /etc/skykit-agent/config.toml",
+            "/bin/kill -HUP $MAINPID",
+        ],
+        "reload must check the config before it signals the agent"
+    );
+    assert_eq!(values(&settings, "Restart"), ["on-failure"]);
+    assert_eq!(values(&settings, "RestartPreventExitStatus"), ["78"]);
+    assert_eq!(values(&settings, "Requires"), ["skykit-agent.socket"]);
+    assert_eq!(values(&settings, "After"), ["skykit-agent.socket"]);
+    assert_eq!(values(&settings, "User"), ["skykit-agent"]);
+    assert_eq!(
+        values(&settings, "LoadCredential"),
+        ["private.pem:/etc/skykit-agent/private.pem"]
+    );
+    assert!(
+        !values(&settings, "WatchdogSec").is_empty(),
+        "WatchdogSec= is set"
+    );
+    // systemd removes a runtime directory when the service stops, which
+    // would delete the socket the .socket unit owns.
+    assert!(
+        values(&settings, "RuntimeDirectory").is_empty(),
+        "the service must not have a RuntimeDirectory="
+    );
+    // These would hide who the callers are (peer uid 65534, pid 0, no /proc).
+    assert!(
+        !values(&settings, "PrivateUsers").into_iter().any(is_true),
+        "the service must not use PrivateUsers=yes"
+    );
+    assert!(
+        !values(&settings, "ProtectProc").contains(&"invisible"),
+        "the service must not use ProtectProc=invisible"
+    );
+    assert_eq!(values(&settings, "RestrictAddressFamilies"), ["AF_UNIX"]);
+}
+
+#[test]
+fn shipped_service_exposure_is_at_most_1_0() {
+    let service = systemd_dir().join("skykit-agent.service");
+    let threshold = format!("--threshold={MAX_EXPOSURE_TENTHS}");
+    let output = systemd_tool(
+        "systemd-analyze",
+        &[
+            "security",
+            "--offline=true",
+            &threshold,
+            "--no-pager",
+            service.to_str().expect("a UTF-8 path"),
+        ],
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "systemd-analyze security: exposure above {MAX_EXPOSURE_TENTHS} tenths:\n{}",
+        describe(&output)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let marker = "Overall exposure level for skykit-agent.service:";
+    let exposure: f64 = stdout
+        .lines()
+        .find_map(|line| line.split_once(marker))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no {marker:?} in the output:\n{}", describe(&output)));
+    assert!(
+        exposure <= 1.0,
+        "exposure {exposure} is above 1.0:\n{}",
+        describe(&output)
+    );
+}
+
+#[test]
+fn shipped_socket_grants_the_skykit_group() {
+    let settings = unit_settings(&read(&systemd_dir().join("skykit-agent.socket")));
+    assert_eq!(
+        values(&settings, "ListenStream"),
+        ["/run/skykit-agent/agent.sock"]
+    );
+    assert_eq!(values(&settings, "SocketMode"), ["0660"]);
+    assert_eq!(values(&settings, "SocketGroup"), ["skykit"]);
+    assert_eq!(values(&settings, "DirectoryMode"), ["0755"]);
+    assert_eq!(values(&settings, "RemoveOnStop"), ["no"]);
+    assert_eq!(values(&settings, "WantedBy"), ["sockets.target"]);
+
+    let user = unit_settings(&read(&systemd_dir().join("user/skykit-agent.socket")));
+    assert_eq!(
+        values(&user, "ListenStream"),
+        ["%t/skykit-agent/agent.sock"]
+    );
+    assert_eq!(values(&user, "SocketMode"), ["0600"]);
+}
+
+/// The keys `config.rs` accepts today. Once `skykit-agent check` exists,
+/// running it on the example (with a credentials dir) is the better test.
+const TOP_LEVEL_KEYS: &[&str] = &["socket", "socket_mode", "socket_group", "identity"];
+const IDENTITY_KEYS: &[&str] = &[
+    "name",
+    "issuer",
+    "key",
+    "key_credential",
+    "lifetime",
+    "default",
+    "allow_insecure_key_permissions",
+];
+
+#[test]
+fn example_config_is_valid_toml_for_the_units() {
+    let path = systemd_dir().join("config.toml");
+    let config: toml::Table = toml::from_str(&read(&path))
+        .unwrap_or_else(|error| panic!("{} is not valid TOML: {error}", path.display()));
+    for key in config.keys() {
+        assert!(
+            TOP_LEVEL_KEYS.contains(&key.as_str()),
+            "unknown key `{key}`"
+        );
+    }
+    let text = |table: &toml::Table, key: &str| {
+        table
+            .get(key)
+            .and_then(toml::Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no string `{key}` in {}", path.display()))
+    };
+    assert_eq!(text(&config, "socket_group"), "skykit");
+    assert_eq!(text(&config, "socket"), "/run/skykit-agent/agent.sock");
+    let identities = config
+        .get("identity")
+        .and_then(toml::Value::as_array)
+        .expect("[[identity]] sections");
+    assert_eq!(identities.len(), 1);
+    let identity = identities[0].as_table().expect("an [[identity]] table");
+    for key in identity.keys() {
+        assert!(
+            IDENTITY_KEYS.contains(&key.as_str()),
+            "unknown identity key `{key}`"
+        );
+    }
+    assert_eq!(text(identity, "name"), "default");
+    // LoadCredential=private.pem:... in the service delivers it.
+    assert_eq!(text(identity, "key_credential"), "private.pem");
+    assert!(
+        identity.get("key").is_none(),
+        "a credential, not a key path"
+    );
+}
+
+#[test]
+fn sysusers_creates_the_service_user_and_client_group() {
+    let dir = Dir::new();
+    let root = dir.join("root");
+    fs::create_dir_all(root.join("etc")).expect("create root/etc");
+    let conf = systemd_dir().join("sysusers.d/skykit-agent.conf");
+    let root_arg = format!("--root={}", root.display());
+    let output = systemd_tool(
+        "systemd-sysusers",
+        &[&root_arg, conf.to_str().expect("a UTF-8 path")],
+        &[],
+    );
+    assert!(
+        output.status.success(),
+        "systemd-sysusers:\n{}",
+        describe(&output)
+    );
+    let passwd = read(&root.join("etc/passwd"));
+    let group = read(&root.join("etc/group"));
+    let user = passwd
+        .lines()
+        .find(|line| line.starts_with("skykit-agent:"))
+        .unwrap_or_else(|| panic!("no skykit-agent user in\n{passwd}"));
+    let fields: Vec<&str> = user.split(':').collect();
+    assert_eq!(fields[5], "/nonexistent", "home of {user}");
+    assert!(
+        fields[6].ends_with("nologin"),
+        "{user}: a system user without a login shell"
+    );
+    for name in ["skykit", "skykit-agent"] {
+        assert!(
+            group
+                .lines()
+                .any(|line| line.starts_with(&format!("{name}:"))),
+            "no group {name} in\n{group}"
+        );
+    }
+}
