@@ -17,9 +17,10 @@ use crate::{
     daemon::{self, Loader},
     duration,
     key::{self, Bits, LoadOptions, SigningKey},
+    memory,
     proto::{
         GetStatusRequest, GetStatusResponse, GetTokenRequest, GetTokenResponse,
-        agent_service_client::AgentServiceClient,
+        ListIdentitiesRequest, agent_service_client::AgentServiceClient,
     },
     token::Lifetime,
 };
@@ -96,6 +97,9 @@ pub enum Command {
     /// Show the running agent's state: identities, cache, last reload, connections.
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
+    /// List the identities the agent lets you use, with issuer, key_id and default lifetime.
+    #[command(after_help = EXIT_CODES)]
+    Identities(StatusArgs),
 }
 
 #[derive(Debug, Args)]
@@ -225,10 +229,13 @@ pub fn run(cli: Cli) -> Result<(), Failure> {
         Command::Pubkey(args) => pubkey(args),
         Command::Check(args) => check(args),
         Command::Status(args) => status(args),
+        Command::Identities(args) => identities(args),
     }
 }
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
+    // Before any key is read: no core dumps, no same-uid ptrace.
+    memory::harden_process();
     let loader = Loader {
         overrides: Overrides {
             config: args.config,
@@ -256,6 +263,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
 }
 
 fn check(args: CheckArgs) -> Result<(), Failure> {
+    memory::harden_process();
     let loader = Loader {
         overrides: Overrides {
             config: args.config,
@@ -280,14 +288,16 @@ fn check(args: CheckArgs) -> Result<(), Failure> {
     lines.push(format!("socket: {}", config.socket.display()));
     for identity in identities.iter() {
         lines.push(format!(
-            "identity {}: iss {}, key_id {}, {}-bit key, default lifetime {}",
+            "identity {}: iss {}, key_id {}, {}-bit key, default lifetime {}, admits {}",
             identity.name,
             identity.issuer,
             identity.key.key_id(),
             identity.key.bits(),
-            duration::format(identity.lifetime.duration())
+            duration::format(identity.lifetime.duration()),
+            identity.policy.describe()
         ));
     }
+    lines.push(format!("key protection: {}", memory::Protection::current()));
     print_line(&lines.join("\n"))
 }
 
@@ -331,6 +341,45 @@ fn status(args: StatusArgs) -> Result<(), Failure> {
         ));
     }
     Ok(())
+}
+
+fn identities(args: StatusArgs) -> Result<(), Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let listed = runtime.block_on(async {
+        let mut client = client::connect(args.socket.as_deref(), &ProcessEnv)
+            .await
+            .map_err(|unreachable| Failure::new(Exit::Unreachable, unreachable))?;
+        client
+            .list_identities(ListIdentitiesRequest {})
+            .await
+            .map(|response| response.into_inner().identities)
+            .map_err(status_failure)
+    })?;
+    if listed.is_empty() {
+        return Err(Failure::new(
+            Exit::Refused,
+            anyhow!(
+                "the agent has no identity you may use: ask its operator to admit your uid or a group of yours"
+            ),
+        ));
+    }
+    let lines: Vec<String> = listed
+        .iter()
+        .map(|identity| {
+            format!(
+                "{}{}: iss {}, key_id {}, default lifetime {}s",
+                identity.name,
+                if identity.default { " (default)" } else { "" },
+                identity.issuer,
+                identity.key_id,
+                identity.default_lifetime.as_ref().map_or(0, |d| d.seconds)
+            )
+        })
+        .collect();
+    print_line(&lines.join("\n"))
 }
 
 fn format_status(report: &GetStatusResponse, serving: bool) -> String {
@@ -545,6 +594,7 @@ fn keygen(args: KeygenArgs) -> Result<(), Failure> {
 }
 
 fn pubkey(args: PubkeyArgs) -> Result<(), Failure> {
+    memory::harden_process();
     let context = Context::current();
     let (path, options) = match args.key {
         Some(path) => (path, LoadOptions::default()),
@@ -604,6 +654,7 @@ fn pubkey_config_key(
         chosen.key.clone(),
         LoadOptions {
             allow_insecure_permissions: chosen.allow_insecure_key_permissions,
+            require_locked_memory: false,
         },
     ))
 }

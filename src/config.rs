@@ -17,7 +17,7 @@ use toml::{
     de::{DeTable, DeValue},
 };
 
-use crate::{duration, token::Lifetime};
+use crate::{duration, policy::Policy, token::Lifetime};
 
 /// Names the config file to read instead of the default.
 pub const ENV_CONFIG: &str = "SKYKIT_AGENT_CONFIG";
@@ -83,6 +83,8 @@ pub struct Config {
     pub socket_mode: u32,
     /// The group given a socket the agent binds itself, and its directory.
     pub socket_group: Option<Group>,
+    /// Refuse to start (or reload) when key memory cannot be locked in RAM.
+    pub require_locked_memory: bool,
     /// Invariant: not empty, names unique, exactly one marked default.
     pub identities: Vec<IdentityConfig>,
 }
@@ -107,6 +109,9 @@ pub struct IdentityConfig {
     /// The key is a systemd credential: systemd controls its access, so
     /// its permissions are not checked.
     pub key_is_credential: bool,
+    /// Who may use this identity; without `allow_*` keys, the agent's own
+    /// uid and root.
+    pub policy: Policy,
 }
 
 impl Config {
@@ -187,7 +192,13 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
     let file = config_file(overrides, env, context, &mut problems);
     let credentials = env.non_empty(ENV_CREDENTIALS_DIRECTORY).map(PathBuf::from);
     let parsed = match &file {
-        Some((path, text)) => parse_file(path, text, credentials.as_deref(), &mut problems),
+        Some((path, text)) => parse_file(
+            path,
+            text,
+            credentials.as_deref(),
+            context.euid,
+            &mut problems,
+        ),
         None => FileSettings::default(),
     };
     let socket_in_file = parsed.socket;
@@ -203,6 +214,7 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
             socket,
             socket_mode: parsed.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
             socket_group: parsed.socket_group,
+            require_locked_memory: parsed.require_locked_memory,
             identities,
         }),
         _ => Err(Problems(problems)),
@@ -256,6 +268,7 @@ struct FileSettings {
     socket: Option<PathBuf>,
     socket_mode: Option<u32>,
     socket_group: Option<Group>,
+    require_locked_memory: bool,
     identities: Vec<IdentityConfig>,
     /// The file has `[[identity]]` sections, even if some were invalid.
     declares_identities: bool,
@@ -265,6 +278,7 @@ fn parse_file(
     path: &Path,
     text: &str,
     credentials: Option<&Path>,
+    euid: u32,
     problems: &mut Vec<String>,
 ) -> FileSettings {
     let at =
@@ -305,6 +319,10 @@ fn parse_file(
                     }
                 }
             }
+            "require_locked_memory" => {
+                settings.require_locked_memory =
+                    expect_bool(value, &here, "require_locked_memory", problems).unwrap_or(false)
+            }
             "identity" => match value.get_ref() {
                 DeValue::Array(tables) => {
                     settings.declares_identities |= !tables.is_empty();
@@ -313,7 +331,7 @@ fn parse_file(
                         match table.get_ref() {
                             DeValue::Table(fields) => {
                                 if let Some(identity) =
-                                    parse_identity(fields, base, credentials, &at, &here, problems)
+                                    parse_identity(fields, base, credentials, euid, &at, &here, problems)
                                 {
                                     raw.push(RawIdentity {
                                         line: line_of(text, table.span().start),
@@ -347,14 +365,14 @@ fn parse_file(
     settings
 }
 
-const TOP_LEVEL_KEYS: &str = "socket, socket_mode, socket_group, identity";
-const IDENTITY_KEYS: &str =
-    "name, issuer, key, key_credential, lifetime, default, allow_insecure_key_permissions";
+const TOP_LEVEL_KEYS: &str = "socket, socket_mode, socket_group, require_locked_memory, identity";
+const IDENTITY_KEYS: &str = "name, issuer, key, key_credential, lifetime, default, allow_insecure_key_permissions, allow_uids, allow_gids, allow_users, allow_groups";
 
 fn parse_identity(
     fields: &DeTable<'_>,
     base: &Path,
     credentials: Option<&Path>,
+    euid: u32,
     at: &dyn Fn(std::ops::Range<usize>) -> String,
     here: &str,
     problems: &mut Vec<String>,
@@ -367,6 +385,7 @@ fn parse_identity(
     let mut lifetime = Lifetime::MAX;
     let mut default = false;
     let mut allow_insecure = false;
+    let mut allowed = Allowed::default();
     for (field, value) in fields {
         let where_ = at(field.span());
         match field.get_ref().as_ref() {
@@ -393,6 +412,9 @@ fn parse_identity(
                     expect_bool(value, &where_, "allow_insecure_key_permissions", problems)
                         .unwrap_or(false)
             }
+            key @ ("allow_uids" | "allow_gids" | "allow_users" | "allow_groups") => {
+                allowed.read(key, value, &where_, problems)
+            }
             other => problems.push(format!(
                 "{where_}: unknown key `{other}` in [[identity]]; expected one of: {IDENTITY_KEYS}"
             )),
@@ -417,6 +439,15 @@ fn parse_identity(
             "{here}: [[identity]] {name:?} sets both `key` and `key_credential`: keep one"
         ));
     }
+    let policy = match allowed.policy(euid) {
+        Some(policy) => policy,
+        None => {
+            problems.push(format!(
+                "{here}: [[identity]] {name:?} has a policy that admits nobody (allow_uids, allow_gids, allow_users and allow_groups are all empty): add a uid, user or group, or remove them all to admit only the agent's user and root"
+            ));
+            Policy::owner_and_root(euid)
+        }
+    };
     let key_is_credential = credential.is_some();
     let key = credential.or(key).unwrap_or_else(|| base.join(KEY_FILE));
     (problems.len() == before).then(|| IdentityConfig {
@@ -427,6 +458,7 @@ fn parse_identity(
         default,
         allow_insecure_key_permissions: allow_insecure,
         key_is_credential,
+        policy,
     })
 }
 
@@ -506,6 +538,7 @@ fn add_identity_from_flags(
             default: true,
             allow_insecure_key_permissions: false,
             key_is_credential: false,
+            policy: Policy::owner_and_root(context.euid),
         }),
         None => problems.push(format!(
             "no identity is configured: pass --issuer EMAIL (the email your public key is registered with), or write an [[identity]] in {}",
@@ -557,6 +590,81 @@ fn socket_path(
         "no socket path: pass --socket PATH, or set {ENV_SOCKET}, `socket` in the config, or {ENV_XDG_RUNTIME_DIR}"
     ));
     None
+}
+
+/// The `allow_*` keys of one identity, resolved to uids and gids.
+#[derive(Default)]
+struct Allowed {
+    /// Whether any `allow_*` key was written (even with an empty list).
+    present: bool,
+    uids: Vec<u32>,
+    gids: Vec<u32>,
+}
+
+impl Allowed {
+    fn read(
+        &mut self,
+        key: &str,
+        value: &Spanned<DeValue<'_>>,
+        here: &str,
+        problems: &mut Vec<String>,
+    ) {
+        self.present = true;
+        let DeValue::Array(items) = value.get_ref() else {
+            problems.push(format!(
+                "{here}: `{key}` must be an array, such as {key} = [{}]",
+                example(key)
+            ));
+            return;
+        };
+        for item in items.iter() {
+            match (key, item.get_ref()) {
+                ("allow_uids", DeValue::Integer(number)) => match number.as_str().parse::<u32>() {
+                    Ok(uid) => self.uids.push(uid),
+                    Err(_) => problems.push(format!("{here}: `allow_uids`: {number} is not a uid")),
+                },
+                ("allow_gids", DeValue::Integer(number)) => match number.as_str().parse::<u32>() {
+                    Ok(gid) => self.gids.push(gid),
+                    Err(_) => problems.push(format!("{here}: `allow_gids`: {number} is not a gid")),
+                },
+                ("allow_users", DeValue::String(name)) => match nix::unistd::User::from_name(name) {
+                    Ok(Some(user)) => self.uids.push(user.uid.as_raw()),
+                    _ => problems.push(format!(
+                        "{here}: `allow_users`: {name:?} is not a user on this system: create it or remove it from the list"
+                    )),
+                },
+                ("allow_groups", DeValue::String(name)) => match resolve_group(name) {
+                    Ok(group) => self.gids.push(group.gid),
+                    Err(_) => problems.push(format!(
+                        "{here}: `allow_groups`: {name:?} is not a group on this system: create it (e.g. with systemd-sysusers) or remove it from the list"
+                    )),
+                },
+                (_, other) => problems.push(format!(
+                    "{here}: `{key}` holds {}, but expects {}",
+                    other.type_str(),
+                    if key.ends_with("ids") { "integers" } else { "strings (names)" }
+                )),
+            }
+        }
+    }
+
+    /// The policy written, the default one when none was, or `None` when
+    /// what was written can never match.
+    fn policy(self, euid: u32) -> Option<Policy> {
+        if self.present {
+            Policy::new(self.uids, self.gids)
+        } else {
+            Some(Policy::owner_and_root(euid))
+        }
+    }
+}
+
+fn example(key: &str) -> &'static str {
+    match key {
+        "allow_uids" | "allow_gids" => "1000, 1001",
+        "allow_users" => "\"alice\"",
+        _ => "\"skykit\"",
+    }
 }
 
 /// The file of credential `name` that systemd placed in `$CREDENTIALS_DIRECTORY`.

@@ -15,6 +15,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     config::{self, Config, Context, Overrides, Problems, ProcessEnv},
     identity::{self, Identities, Registry},
+    memory::Protection,
     server::{self, AgentCache, Service},
     signal::Shutdown,
     socket::{self, Access, BoundSocket},
@@ -80,13 +81,20 @@ pub async fn run(loader: Loader, config: Config, identities: Identities) -> anyh
     let tracker = Arc::new(Tracker::new(socket_path.clone()));
     let registry = Arc::new(Registry::new(identities));
     let service = Service::new(registry.clone(), tracker.clone());
+    let protection = Protection::current();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
         socket = %socket_path.display(),
         activated = bound.is_none(),
         identities = %describe(&registry.current()),
+        key_protection = %protection,
         "skykit-agent ready"
     );
+    if protection.lock_failures > 0 {
+        tracing::warn!(
+            "key memory could not be locked in RAM, so keys may reach swap: raise the locked-memory limit (LimitMEMLOCK= in the unit, `ulimit -l` in a shell), or set require_locked_memory = true to refuse to start instead"
+        );
+    }
     systemd::ready(&serving_status(&registry.current(), &socket_path));
     let watchdog = tokio::spawn(systemd::watchdog());
     let reloader = tokio::spawn(reload_on_hangup(

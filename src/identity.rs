@@ -11,6 +11,7 @@ use crate::{
     cache::{SignFailure, Signer},
     config::{Config, IdentityConfig},
     key::{self, LoadOptions, SigningKey},
+    policy::Policy,
     token::{self, Lifetime, Token},
 };
 
@@ -22,6 +23,8 @@ pub struct Identity {
     pub key: Arc<SigningKey>,
     /// The lifetime a request without one gets.
     pub lifetime: Lifetime,
+    /// Who may use it.
+    pub policy: Policy,
 }
 
 /// The full set of identities, loaded and self-tested.
@@ -58,7 +61,7 @@ impl Identities {
         let mut list = Vec::new();
         let mut errors = Vec::new();
         for identity in &config.identities {
-            match load_one(identity) {
+            match load_one(identity, config.require_locked_memory) {
                 Ok(loaded) => list.push(Arc::new(loaded)),
                 Err(error) => errors.push(error),
             }
@@ -93,10 +96,11 @@ impl Identities {
     }
 }
 
-fn load_one(config: &IdentityConfig) -> Result<Identity, Error> {
+fn load_one(config: &IdentityConfig, require_locked_memory: bool) -> Result<Identity, Error> {
     let options = LoadOptions {
         allow_insecure_permissions: config.allow_insecure_key_permissions
             || config.key_is_credential,
+        require_locked_memory,
     };
     let key = SigningKey::load(&config.key, options).map_err(|source| Error::Key {
         name: config.name.clone(),
@@ -116,6 +120,7 @@ fn load_one(config: &IdentityConfig) -> Result<Identity, Error> {
         issuer: config.issuer.as_str().into(),
         key: Arc::new(key),
         lifetime: config.lifetime,
+        policy: config.policy.clone(),
     })
 }
 

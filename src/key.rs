@@ -22,6 +22,8 @@ use base64::{
 };
 use zeroize::Zeroizing;
 
+use crate::memory::LockedBuf;
+
 /// The smallest RSA modulus the agent accepts, in bits.
 pub const MIN_BITS: usize = 2048;
 /// The largest RSA modulus the agent accepts, in bits.
@@ -105,6 +107,11 @@ pub enum Error {
     Permissions { path: PathBuf, mode: u32 },
     #[error("signing key {} is damaged ({reason}): restore it from a backup or create a new key with `skykit-agent keygen`", path.display())]
     Malformed { path: PathBuf, reason: String },
+    #[error(
+        "cannot lock the memory for signing key {} in RAM, and require_locked_memory = true: raise the locked-memory limit (LimitMEMLOCK= in the unit, `ulimit -l` in a shell) or set require_locked_memory = false",
+        path.display()
+    )]
+    Unlockable { path: PathBuf },
 }
 
 /// Signing failed inside the crypto library; it carries no key material.
@@ -117,6 +124,8 @@ pub struct SignError;
 pub struct LoadOptions {
     /// Accept a key file of our own uid that group or others may read.
     pub allow_insecure_permissions: bool,
+    /// Refuse to load the key unless its bytes can be locked in RAM.
+    pub require_locked_memory: bool,
 }
 
 /// Key sizes `keygen` offers.
@@ -135,7 +144,7 @@ impl SigningKey {
     /// with an [`Error`] that names the file and what to do.
     pub fn load(path: &Path, options: LoadOptions) -> Result<Self, Error> {
         let contents = read_key_file(path, options)?;
-        let der = decode_private_key_pem(path, &contents)?;
+        let der = decode_private_key_pem(path, &contents, options)?;
         drop(contents);
         Self::from_der(path, &der)
     }
@@ -282,9 +291,9 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-/// Reads the whole file into a zeroizing buffer after checking ownership
-/// and mode on the open file (not the path, so a swap cannot slip by).
-fn read_key_file(path: &Path, options: LoadOptions) -> Result<Zeroizing<Vec<u8>>, Error> {
+/// Reads the whole file into a locked buffer after checking ownership and
+/// mode on the open file (not the path, so a swap cannot slip by).
+fn read_key_file(path: &Path, options: LoadOptions) -> Result<LockedBuf, Error> {
     let unreadable = |error: io::Error| Error::Unreadable {
         path: path.to_owned(),
         reason: describe_io(&error),
@@ -320,17 +329,16 @@ fn read_key_file(path: &Path, options: LoadOptions) -> Result<Zeroizing<Vec<u8>>
             path: path.to_owned(),
         });
     }
-    // The buffer is sized up front so reading never reallocates, which would
-    // leave an unzeroized copy of the key in freed memory.
+    // The buffer is sized up front and read into directly, so the file's
+    // bytes never pass through an ordinary heap buffer.
     let capacity = usize::try_from(metadata.len()).unwrap_or(0) + 1;
-    let mut contents = Zeroizing::new(vec![0u8; capacity]);
-    let mut filled = 0;
+    let mut contents = locked_buffer(path, capacity, options)?;
     loop {
-        match file.read(&mut contents[filled..]) {
+        match file.read(contents.spare()) {
             Ok(0) => break,
             Ok(read) => {
-                filled += read;
-                if filled == contents.len() {
+                contents.advance(read);
+                if contents.spare().is_empty() {
                     return Err(Error::TooLarge {
                         path: path.to_owned(),
                     });
@@ -340,13 +348,25 @@ fn read_key_file(path: &Path, options: LoadOptions) -> Result<Zeroizing<Vec<u8>>
             Err(error) => return Err(unreadable(error)),
         }
     }
-    contents.truncate(filled);
     if contents.iter().all(u8::is_ascii_whitespace) {
         return Err(Error::Empty {
             path: path.to_owned(),
         });
     }
     Ok(contents)
+}
+
+fn locked_buffer(path: &Path, capacity: usize, options: LoadOptions) -> Result<LockedBuf, Error> {
+    let buffer = LockedBuf::with_capacity(capacity).map_err(|error| Error::Unreadable {
+        path: path.to_owned(),
+        reason: format!("cannot map memory for it: {error}"),
+    })?;
+    if options.require_locked_memory && !buffer.is_locked() {
+        return Err(Error::Unlockable {
+            path: path.to_owned(),
+        });
+    }
+    Ok(buffer)
 }
 
 fn describe_io(error: &io::Error) -> String {
@@ -359,10 +379,10 @@ fn describe_io(error: &io::Error) -> String {
     }
 }
 
-/// The DER of the one private key in a PEM file, in a zeroizing buffer.
+/// The DER of the one private key in a PEM file, in a locked buffer.
 enum PrivateKeyDer {
-    Pkcs8(Zeroizing<Vec<u8>>),
-    Pkcs1(Zeroizing<Vec<u8>>),
+    Pkcs8(LockedBuf),
+    Pkcs1(LockedBuf),
 }
 
 /// One `-----BEGIN label-----` ... `-----END label-----` block.
@@ -371,18 +391,22 @@ struct PemBlock {
     /// An RFC 1421 `Proc-Type: 4,ENCRYPTED` header (OpenSSL's legacy encryption).
     encrypted_header: bool,
     /// The base64 text with line breaks removed.
-    base64: Zeroizing<Vec<u8>>,
+    base64: LockedBuf,
 }
 
-fn decode_private_key_pem(path: &Path, contents: &[u8]) -> Result<PrivateKeyDer, Error> {
-    let blocks = pem_blocks(path, contents)?;
+fn decode_private_key_pem(
+    path: &Path,
+    contents: &[u8],
+    options: LoadOptions,
+) -> Result<PrivateKeyDer, Error> {
+    let blocks = pem_blocks(path, contents, options)?;
     let private: Vec<&PemBlock> = blocks
         .iter()
         .filter(|block| block.label.ends_with("PRIVATE KEY"))
         .collect();
     match private.len() {
         0 => {}
-        1 => return decode_private_block(path, private[0]),
+        1 => return decode_private_block(path, private[0], options),
         count => {
             return Err(Error::SeveralKeys {
                 path: path.to_owned(),
@@ -408,7 +432,11 @@ fn decode_private_key_pem(path: &Path, contents: &[u8]) -> Result<PrivateKeyDer,
     })
 }
 
-fn decode_private_block(path: &Path, block: &PemBlock) -> Result<PrivateKeyDer, Error> {
+fn decode_private_block(
+    path: &Path,
+    block: &PemBlock,
+    options: LoadOptions,
+) -> Result<PrivateKeyDer, Error> {
     let not_rsa = |kind: &str| Error::NotRsa {
         path: path.to_owned(),
         kind: kind.to_owned(),
@@ -418,7 +446,7 @@ fn decode_private_block(path: &Path, block: &PemBlock) -> Result<PrivateKeyDer, 
             path: path.to_owned(),
         });
     }
-    let der = || decode_base64(path, &block.base64);
+    let der = || decode_base64(path, &block.base64, options);
     match block.label.as_str() {
         "PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs8(der()?)),
         "RSA PRIVATE KEY" => Ok(PrivateKeyDer::Pkcs1(der()?)),
@@ -436,7 +464,7 @@ fn decode_private_block(path: &Path, block: &PemBlock) -> Result<PrivateKeyDer, 
 
 /// Splits PEM text into blocks. Tolerates CRLF, text around the blocks and
 /// any base64 line width; every base64 byte goes into a zeroizing buffer.
-fn pem_blocks(path: &Path, contents: &[u8]) -> Result<Vec<PemBlock>, Error> {
+fn pem_blocks(path: &Path, contents: &[u8], options: LoadOptions) -> Result<Vec<PemBlock>, Error> {
     let mut blocks = Vec::new();
     let mut current: Option<PemBlock> = None;
     for raw_line in contents.split(|&byte| byte == b'\n') {
@@ -459,13 +487,14 @@ fn pem_blocks(path: &Path, contents: &[u8]) -> Result<Vec<PemBlock>, Error> {
                     block.encrypted_header = true;
                 }
             } else {
-                block.base64.extend_from_slice(line);
+                // Cannot overflow: the buffer is as large as the whole file.
+                let _ = block.base64.extend_from_slice(line);
             }
         } else if let Some(label) = pem_boundary(line, b"-----BEGIN ") {
             current = Some(PemBlock {
                 label,
                 encrypted_header: false,
-                base64: Zeroizing::new(Vec::with_capacity(contents.len())),
+                base64: locked_buffer(path, contents.len(), options)?,
             });
         }
     }
@@ -498,15 +527,17 @@ fn trim_ascii(line: &[u8]) -> &[u8] {
     &line[start..end]
 }
 
-fn decode_base64(path: &Path, text: &[u8]) -> Result<Zeroizing<Vec<u8>>, Error> {
-    let mut der = Zeroizing::new(vec![0u8; text.len()]);
+/// Decodes straight into a locked buffer, so the DER never sits in an
+/// ordinary heap buffer.
+fn decode_base64(path: &Path, text: &[u8], options: LoadOptions) -> Result<LockedBuf, Error> {
+    let mut der = locked_buffer(path, text.len(), options)?;
     let length = STANDARD
-        .decode_slice(text, &mut der[..])
+        .decode_slice(text, der.spare())
         .map_err(|error| Error::Malformed {
             path: path.to_owned(),
             reason: format!("its base64 does not decode: {error}"),
         })?;
-    der.truncate(length);
+    der.advance(length);
     Ok(der)
 }
 

@@ -56,6 +56,61 @@ impl Peer {
     }
 }
 
+/// Everything known about a caller, captured once per connection at accept
+/// and shared by every request on it.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub peer: Peer,
+    /// Supplementary groups (`SO_PEERGROUPS`), for policy decisions.
+    pub groups: Arc<[u32]>,
+    /// The caller's executable, for audit lines only; `None` when unreadable
+    /// or when the caller exited before it could be read.
+    pub exe: Option<Arc<str>>,
+    /// Identities already audited as allowed on this connection, so the
+    /// audit trail gets one line per connection and identity, not per call.
+    audited: Arc<std::sync::Mutex<Vec<Arc<str>>>>,
+}
+
+impl Caller {
+    pub fn new(peer: Peer, groups: Arc<[u32]>, exe: Option<Arc<str>>) -> Self {
+        Caller {
+            peer,
+            groups,
+            exe,
+            audited: Arc::default(),
+        }
+    }
+
+    /// A caller whose credentials were not captured: admitted by no policy.
+    pub fn unknown() -> Self {
+        Caller::new(Peer::UNKNOWN, Arc::from([]), None)
+    }
+
+    /// True the first time `identity` is allowed on this connection.
+    pub fn first_allowed(&self, identity: &Arc<str>) -> bool {
+        let mut audited = self
+            .audited
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if audited.contains(identity) {
+            return false;
+        }
+        audited.push(identity.clone());
+        true
+    }
+
+    /// Reads credentials, groups and (for audit) the executable of a
+    /// freshly accepted connection.
+    pub fn of(stream: &UnixStream) -> io::Result<Self> {
+        let peer = Peer::of(stream)?;
+        let groups = credentials::peer_groups(stream).unwrap_or_default();
+        let exe = peer
+            .pid
+            .and_then(|pid| credentials::executable(stream, pid));
+        Ok(Caller::new(peer, groups.into(), exe))
+    }
+}
+
 impl fmt::Display for Peer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "uid {} gid {}", self.uid, self.gid)?;
@@ -70,7 +125,7 @@ impl fmt::Display for Peer {
 /// copies the [`Peer`] into each request's extensions.
 pub struct PeerStream {
     stream: UnixStream,
-    peer: Peer,
+    caller: Caller,
     _open: OpenConnection,
 }
 
@@ -91,10 +146,10 @@ impl Drop for OpenConnection {
 }
 
 impl Connected for PeerStream {
-    type ConnectInfo = Peer;
+    type ConnectInfo = Caller;
 
-    fn connect_info(&self) -> Peer {
-        self.peer
+    fn connect_info(&self) -> Caller {
+        self.caller.clone()
     }
 }
 
@@ -170,18 +225,19 @@ impl Stream for Incoming {
                 self.backoff = None;
             }
             match std::task::ready!(self.listener.poll_accept(cx)) {
-                Ok((stream, _)) => match Peer::of(&stream) {
-                    Ok(peer) => {
+                Ok((stream, _)) => match Caller::of(&stream) {
+                    Ok(caller) => {
                         tracing::info!(
-                            uid = peer.uid,
-                            gid = peer.gid,
-                            pid = peer.pid,
+                            uid = caller.peer.uid,
+                            gid = caller.peer.gid,
+                            pid = caller.peer.pid,
+                            exe = caller.exe.as_deref(),
                             "accepted connection"
                         );
                         let open = OpenConnection::new(&self.open);
                         return Poll::Ready(Some(Ok(PeerStream {
                             stream,
-                            peer,
+                            caller,
                             _open: open,
                         })));
                     }
@@ -209,4 +265,93 @@ fn is_resource_exhaustion(error: &io::Error) -> bool {
             || code == rustix::io::Errno::NOBUFS.raw_os_error()
             || code == rustix::io::Errno::NOMEM.raw_os_error()
     )
+}
+
+/// The credentials `SO_PEERCRED` does not carry, which rustix does not wrap.
+mod credentials {
+    #![allow(unsafe_code)]
+
+    use std::{
+        fs, io,
+        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    };
+
+    use tokio::net::UnixStream;
+
+    /// `SO_PEERGROUPS` (Linux 4.13): the peer's supplementary groups at
+    /// connect time. Same value on every Linux architecture but SPARC/MIPS.
+    const SO_PEERGROUPS: libc::c_int = 59;
+    /// `SO_PEERPIDFD` (Linux 6.5): a pidfd for the peer process as it was
+    /// at connect time, which a reused pid cannot impersonate.
+    const SO_PEERPIDFD: libc::c_int = 77;
+
+    pub fn peer_groups(stream: &UnixStream) -> io::Result<Vec<u32>> {
+        let mut groups = vec![0 as libc::gid_t; 64];
+        loop {
+            let mut size = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+            // SAFETY: the buffer is `size` bytes of gid_t; the kernel writes
+            // at most that and reports the size it needed.
+            let result = unsafe {
+                libc::getsockopt(
+                    stream.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    SO_PEERGROUPS,
+                    groups.as_mut_ptr().cast(),
+                    &mut size,
+                )
+            };
+            let count = size as usize / std::mem::size_of::<libc::gid_t>();
+            if result == 0 {
+                groups.truncate(count);
+                return Ok(groups);
+            }
+            let error = io::Error::last_os_error();
+            if error.raw_os_error() == Some(libc::ERANGE) && count > groups.len() && count <= 65536
+            {
+                groups.resize(count, 0);
+                continue;
+            }
+            return Err(error);
+        }
+    }
+
+    /// The caller's executable path, read through a pidfd taken at connect
+    /// time, and kept only if the pidfd shows the same process still alive
+    /// afterwards (so a reused pid is never misreported).
+    pub fn executable(stream: &UnixStream, pid: i32) -> Option<std::sync::Arc<str>> {
+        let pidfd = peer_pidfd(stream).ok()?;
+        if pidfd_pid(&pidfd)? != pid {
+            return None;
+        }
+        let path = fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+        (pidfd_pid(&pidfd)? == pid).then(|| path.to_string_lossy().into())
+    }
+
+    fn peer_pidfd(stream: &UnixStream) -> io::Result<OwnedFd> {
+        let mut fd: libc::c_int = -1;
+        let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: the kernel writes one int (the new pidfd) into `fd`.
+        let result = unsafe {
+            libc::getsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_PEERPIDFD,
+                (&mut fd as *mut libc::c_int).cast(),
+                &mut size,
+            )
+        };
+        if result != 0 || fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just created `fd` for us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    }
+
+    /// The pid a pidfd refers to now: -1 once the process has exited.
+    fn pidfd_pid(pidfd: &OwnedFd) -> Option<i32> {
+        let info = fs::read_to_string(format!("/proc/self/fdinfo/{}", pidfd.as_raw_fd())).ok()?;
+        info.lines()
+            .find_map(|line| line.strip_prefix("Pid:"))
+            .and_then(|value| value.trim().parse().ok())
+    }
 }

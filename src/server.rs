@@ -11,11 +11,13 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     cache::{self, Cache, Issued, SystemClock},
-    identity::Registry,
-    peer::{Incoming, Peer},
+    identity::{Identity, Registry},
+    memory::Protection,
+    peer::{Caller, Incoming},
     proto::{
         CacheEntryStatus, FILE_DESCRIPTOR_SET, GetStatusRequest, GetStatusResponse,
-        GetTokenRequest, GetTokenResponse, IdentityStatus, KeyProtection, ReloadStatus,
+        GetTokenRequest, GetTokenResponse, IdentityStatus, KeyProtection, ListIdentitiesRequest,
+        ListIdentitiesResponse, ReloadStatus,
         agent_service_server::{AgentService, AgentServiceServer},
         token_service_server::{TokenService, TokenServiceServer},
     },
@@ -57,21 +59,18 @@ impl Service {
 impl TokenService for Service {
     async fn get_token(
         &self,
-        request: Request<GetTokenRequest>,
+        mut request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
-        let caller = request
-            .extensions()
-            .get::<Peer>()
-            .copied()
-            .unwrap_or(Peer::UNKNOWN);
+        let caller = take_caller(&mut request);
         let request = request.into_inner();
         let identities = self.registry.current();
         let identity = identities.resolve(&request.identity).ok_or_else(|| {
             Status::not_found(format!(
-                "unknown identity {:?}: use a name from the agent's [[identity]] config, or leave it empty for the default",
+                "unknown identity {:?}: use a name from the agent's [[identity]] config (see `skykit-agent identities`), or leave it empty for the default",
                 request.identity
             ))
         })?;
+        authorize(identity, &caller)?;
         let lifetime = match request.lifetime {
             None => identity.lifetime,
             Some(lifetime) => {
@@ -90,17 +89,79 @@ impl TokenService for Service {
         };
         let issued = self
             .cache
-            .get(&key, min_valid_for, caller)
+            .get(&key, min_valid_for, caller.peer)
             .await
             .map_err(|error| Status::unavailable(error.to_string()))?;
         tracing::debug!(
             identity = %identity.name,
             lifetime_secs = lifetime.secs(),
-            uid = caller.uid,
+            uid = caller.peer.uid,
             fresh = issued.fresh,
             "served token"
         );
         Ok(Response::new(response(&issued, &identity.name)))
+    }
+
+    async fn list_identities(
+        &self,
+        mut request: Request<ListIdentitiesRequest>,
+    ) -> Result<Response<ListIdentitiesResponse>, Status> {
+        let caller = take_caller(&mut request);
+        let identities = self.registry.current();
+        let default_name = identities.resolve("").map(|identity| identity.name.clone());
+        let visible = identities
+            .iter()
+            .filter(|identity| identity.policy.admits(&caller))
+            .map(|identity| identity_status(identity, default_name.as_ref()))
+            .collect();
+        Ok(Response::new(ListIdentitiesResponse {
+            identities: visible,
+        }))
+    }
+}
+
+/// The caller the accept loop attached to the connection; a request that
+/// did not come through it (there are none in the agent) is admitted by no
+/// policy.
+fn take_caller<T>(request: &mut Request<T>) -> Caller {
+    request
+        .extensions_mut()
+        .remove::<Caller>()
+        .unwrap_or_else(Caller::unknown)
+}
+
+/// Checks the identity's policy and writes the audit line: every refusal,
+/// and the first use of each identity on each connection.
+fn authorize(identity: &Identity, caller: &Caller) -> Result<(), Status> {
+    let allowed = identity.policy.admits(caller);
+    if !allowed || caller.first_allowed(&identity.name) {
+        tracing::info!(
+            target: "skykit_agent::audit",
+            identity = %identity.name,
+            uid = caller.peer.uid,
+            gid = caller.peer.gid,
+            pid = caller.peer.pid,
+            exe = caller.exe.as_deref(),
+            decision = if allowed { "allow" } else { "deny" },
+            "audit"
+        );
+    }
+    if allowed {
+        return Ok(());
+    }
+    Err(Status::permission_denied(format!(
+        "uid {} may not use identity {:?}: ask the agent's operator to admit it with allow_uids, allow_users or allow_groups",
+        caller.peer.uid, identity.name
+    )))
+}
+
+fn identity_status(identity: &Identity, default_name: Option<&Arc<str>>) -> IdentityStatus {
+    IdentityStatus {
+        name: identity.name.to_string(),
+        issuer: identity.issuer.to_string(),
+        key_id: identity.key.key_id().to_owned(),
+        default_lifetime: Some(duration(identity.lifetime)),
+        default: Some(&identity.name) == default_name,
     }
 }
 
@@ -108,18 +169,14 @@ impl TokenService for Service {
 impl AgentService for Service {
     async fn get_status(
         &self,
-        request: Request<GetStatusRequest>,
+        mut request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
-        let caller = request
-            .extensions()
-            .get::<Peer>()
-            .copied()
-            .unwrap_or(Peer::UNKNOWN);
+        let caller = take_caller(&mut request);
         let own = rustix::process::geteuid().as_raw();
-        if caller.uid != 0 && caller.uid != own {
+        if caller.peer.uid != 0 && caller.peer.uid != own {
             return Err(Status::permission_denied(format!(
                 "the agent's status is for root and uid {own} (the agent's user) only; uid {} may not read it",
-                caller.uid
+                caller.peer.uid
             )));
         }
         Ok(Response::new(self.status()))
@@ -136,13 +193,7 @@ impl Service {
             socket: self.tracker.socket.display().to_string(),
             identities: identities
                 .iter()
-                .map(|identity| IdentityStatus {
-                    name: identity.name.to_string(),
-                    issuer: identity.issuer.to_string(),
-                    key_id: identity.key.key_id().to_owned(),
-                    default_lifetime: Some(duration(identity.lifetime)),
-                    default: Some(&identity.name) == default_name.as_ref(),
-                })
+                .map(|identity| identity_status(identity, default_name.as_ref()))
                 .collect(),
             cache_entries: self
                 .cache
@@ -165,10 +216,18 @@ impl Service {
                 .tracker
                 .open_connections
                 .load(std::sync::atomic::Ordering::Relaxed) as u32,
-            key_protection: Some(KeyProtection {
-                state: "unknown".to_owned(),
-            }),
+            key_protection: Some(key_protection(Protection::current())),
         }
+    }
+}
+
+fn key_protection(protection: Protection) -> KeyProtection {
+    KeyProtection {
+        state: protection.state().to_owned(),
+        non_dumpable: protection.non_dumpable,
+        core_limit_zero: protection.core_limit_zero,
+        locked_bytes: protection.locked_bytes as u64,
+        lock_failures: protection.lock_failures as u32,
     }
 }
 

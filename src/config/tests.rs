@@ -1,6 +1,7 @@
 //! Config resolution tests; the environment is a map, never `set_var`.
 
 use super::*;
+use crate::policy::Policy;
 
 struct Setup {
     dir: tempfile::TempDir,
@@ -71,6 +72,7 @@ fn one_identity_from_the_file_with_defaults() {
             default: true,
             allow_insecure_key_permissions: false,
             key_is_credential: false,
+            policy: crate::policy::Policy::owner_and_root(1000),
         }]
     );
     assert_eq!(config.socket, PathBuf::from("/xdg/skykit-agent/agent.sock"));
@@ -334,4 +336,90 @@ fn problems_display_one_per_line() {
         Problems(vec!["a".into()]).to_string(),
         "invalid configuration: a"
     );
+}
+
+#[test]
+fn without_allow_keys_an_identity_admits_the_agent_user_and_root() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\n");
+    let config = setup.load().unwrap();
+    assert_eq!(config.identities[0].policy, Policy::owner_and_root(1000));
+}
+
+#[test]
+fn allow_lists_resolve_names_when_the_config_loads() {
+    let setup = Setup::new();
+    setup.file(
+        "[[identity]]\nissuer = \"a@x.io\"\nallow_uids = [42]\nallow_gids = [7]\nallow_users = [\"root\"]\nallow_groups = [\"root\"]\n",
+    );
+    let config = setup.load().unwrap();
+    assert_eq!(
+        config.identities[0].policy,
+        Policy::new(vec![42, 0], vec![7, 0]).unwrap()
+    );
+}
+
+#[test]
+fn unknown_users_and_groups_and_bad_types_are_problems_naming_the_line() {
+    let setup = Setup::new();
+    setup.file(
+        "[[identity]]\nissuer = \"a@x.io\"\nallow_users = [\"no-such-user-xyz\"]\nallow_groups = [\"no-such-group-xyz\"]\nallow_uids = [\"1000\"]\nallow_gids = 7\n",
+    );
+    let problems = setup.problems();
+    check(&problems, &[":3:", "\"no-such-user-xyz\" is not a user"]);
+    check(&problems, &[":4:", "\"no-such-group-xyz\" is not a group"]);
+    check(&problems, &[":5:", "`allow_uids` holds string", "integers"]);
+    check(&problems, &[":6:", "`allow_gids` must be an array"]);
+}
+
+#[test]
+fn a_policy_that_admits_nobody_is_a_problem() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nname = \"locked\"\nissuer = \"a@x.io\"\nallow_uids = []\nallow_groups = []\n");
+    check(&setup.problems(), &[":1:", "\"locked\"", "admits nobody"]);
+}
+
+#[test]
+fn socket_mode_group_and_locked_memory_are_read() {
+    let setup = Setup::new();
+    setup.file(
+        "socket_mode = \"0660\"\nsocket_group = \"root\"\nrequire_locked_memory = true\n[[identity]]\nissuer = \"a@x.io\"\n",
+    );
+    let config = setup.load().unwrap();
+    assert_eq!(config.socket_mode, 0o660);
+    assert_eq!(
+        config.socket_group,
+        Some(Group {
+            name: "root".into(),
+            gid: 0
+        })
+    );
+    assert!(config.require_locked_memory);
+    setup.file("socket_mode = \"0999\"\nsocket_group = \"no-such-group-xyz\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    let problems = setup.problems();
+    check(&problems, &[":1:", "\"0999\" is not a file mode"]);
+    check(&problems, &[":2:", "not a group on this system"]);
+}
+
+#[test]
+fn key_credential_reads_from_the_credentials_directory() {
+    let mut setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\nkey_credential = \"private.pem\"\n");
+    check(
+        &setup.problems(),
+        &[":3:", "$CREDENTIALS_DIRECTORY", "use `key` instead"],
+    );
+    setup.env.insert(
+        ENV_CREDENTIALS_DIRECTORY.into(),
+        "/run/credentials/x".into(),
+    );
+    let config = setup.load().unwrap();
+    assert_eq!(
+        config.identities[0].key,
+        PathBuf::from("/run/credentials/x/private.pem")
+    );
+    assert!(config.identities[0].key_is_credential);
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\nkey = \"k.pem\"\nkey_credential = \"../x\"\n");
+    let problems = setup.problems();
+    check(&problems, &["not a credential name"]);
 }

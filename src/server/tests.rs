@@ -43,6 +43,7 @@ async fn start() -> Running {
         socket: socket_path.clone(),
         socket_mode: 0o600,
         socket_group: None,
+        require_locked_memory: true,
         identities: vec![IdentityConfig {
             name: "default".into(),
             issuer: "test@example.com".into(),
@@ -51,6 +52,7 @@ async fn start() -> Running {
             default: true,
             allow_insecure_key_permissions: false,
             key_is_credential: false,
+            policy: crate::policy::Policy::owner_and_root(rustix::process::geteuid().as_raw()),
         }],
     };
     let registry = Arc::new(Registry::new(Identities::load(&config).unwrap()));

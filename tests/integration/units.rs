@@ -307,9 +307,15 @@ fn shipped_socket_grants_the_skykit_group() {
     assert_eq!(values(&user, "SocketMode"), ["0600"]);
 }
 
-/// The keys `config.rs` accepts today. Once `skykit-agent check` exists,
-/// running it on the example (with a credentials dir) is the better test.
-const TOP_LEVEL_KEYS: &[&str] = &["socket", "socket_mode", "socket_group", "identity"];
+/// The keys `config.rs` accepts. The policy tests also run the agent with
+/// this example config, which is the stronger check.
+const TOP_LEVEL_KEYS: &[&str] = &[
+    "socket",
+    "socket_mode",
+    "socket_group",
+    "require_locked_memory",
+    "identity",
+];
 const IDENTITY_KEYS: &[&str] = &[
     "name",
     "issuer",
@@ -318,6 +324,10 @@ const IDENTITY_KEYS: &[&str] = &[
     "lifetime",
     "default",
     "allow_insecure_key_permissions",
+    "allow_uids",
+    "allow_gids",
+    "allow_users",
+    "allow_groups",
 ];
 
 #[test]
@@ -355,6 +365,15 @@ fn example_config_is_valid_toml_for_the_units() {
     assert_eq!(text(identity, "name"), "default");
     // LoadCredential=private.pem:... in the service delivers it.
     assert_eq!(text(identity, "key_credential"), "private.pem");
+    // The socket group and the identity's policy agree.
+    assert_eq!(
+        identity
+            .get("allow_groups")
+            .and_then(toml::Value::as_array)
+            .map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(identity["allow_groups"][0].as_str(), Some("skykit"));
     assert!(
         identity.get("key").is_none(),
         "a credential, not a key path"

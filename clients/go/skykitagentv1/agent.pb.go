@@ -30,6 +30,87 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ListIdentitiesRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListIdentitiesRequest) Reset() {
+	*x = ListIdentitiesRequest{}
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListIdentitiesRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListIdentitiesRequest) ProtoMessage() {}
+
+func (x *ListIdentitiesRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListIdentitiesRequest.ProtoReflect.Descriptor instead.
+func (*ListIdentitiesRequest) Descriptor() ([]byte, []int) {
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
+type ListIdentitiesResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The identities the caller may use, in config order.
+	Identities    []*IdentityStatus `protobuf:"bytes,1,rep,name=identities,proto3" json:"identities,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListIdentitiesResponse) Reset() {
+	*x = ListIdentitiesResponse{}
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListIdentitiesResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListIdentitiesResponse) ProtoMessage() {}
+
+func (x *ListIdentitiesResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListIdentitiesResponse.ProtoReflect.Descriptor instead.
+func (*ListIdentitiesResponse) Descriptor() ([]byte, []int) {
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ListIdentitiesResponse) GetIdentities() []*IdentityStatus {
+	if x != nil {
+		return x.Identities
+	}
+	return nil
+}
+
 type GetTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The identity (an `[[identity]]` name in the agent's config) whose key
@@ -48,7 +129,7 @@ type GetTokenRequest struct {
 
 func (x *GetTokenRequest) Reset() {
 	*x = GetTokenRequest{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -60,7 +141,7 @@ func (x *GetTokenRequest) String() string {
 func (*GetTokenRequest) ProtoMessage() {}
 
 func (x *GetTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -73,7 +154,7 @@ func (x *GetTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTokenRequest.ProtoReflect.Descriptor instead.
 func (*GetTokenRequest) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *GetTokenRequest) GetIdentity() string {
@@ -123,7 +204,7 @@ type GetTokenResponse struct {
 
 func (x *GetTokenResponse) Reset() {
 	*x = GetTokenResponse{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -135,7 +216,7 @@ func (x *GetTokenResponse) String() string {
 func (*GetTokenResponse) ProtoMessage() {}
 
 func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -148,7 +229,7 @@ func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTokenResponse.ProtoReflect.Descriptor instead.
 func (*GetTokenResponse) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetTokenResponse) GetToken() string {
@@ -208,7 +289,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -220,7 +301,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -233,7 +314,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 type GetStatusResponse struct {
@@ -260,7 +341,7 @@ type GetStatusResponse struct {
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -272,7 +353,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -285,7 +366,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *GetStatusResponse) GetVersion() string {
@@ -362,7 +443,7 @@ type IdentityStatus struct {
 
 func (x *IdentityStatus) Reset() {
 	*x = IdentityStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -374,7 +455,7 @@ func (x *IdentityStatus) String() string {
 func (*IdentityStatus) ProtoMessage() {}
 
 func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -387,7 +468,7 @@ func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityStatus.ProtoReflect.Descriptor instead.
 func (*IdentityStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *IdentityStatus) GetName() string {
@@ -443,7 +524,7 @@ type CacheEntryStatus struct {
 
 func (x *CacheEntryStatus) Reset() {
 	*x = CacheEntryStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -455,7 +536,7 @@ func (x *CacheEntryStatus) String() string {
 func (*CacheEntryStatus) ProtoMessage() {}
 
 func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -468,7 +549,7 @@ func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheEntryStatus.ProtoReflect.Descriptor instead.
 func (*CacheEntryStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *CacheEntryStatus) GetIdentity() string {
@@ -520,7 +601,7 @@ type ReloadStatus struct {
 
 func (x *ReloadStatus) Reset() {
 	*x = ReloadStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -532,7 +613,7 @@ func (x *ReloadStatus) String() string {
 func (*ReloadStatus) ProtoMessage() {}
 
 func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -545,7 +626,7 @@ func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadStatus.ProtoReflect.Descriptor instead.
 func (*ReloadStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *ReloadStatus) GetFinishedAt() *timestamppb.Timestamp {
@@ -571,16 +652,25 @@ func (x *ReloadStatus) GetError() string {
 
 type KeyProtection struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// "unknown" until the agent reports how key memory is locked and kept out
-	// of core dumps.
-	State         string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// "protected" when every measure below is in force, else "degraded".
+	State string `protobuf:"bytes,1,opt,name=state,proto3" json:"state,omitempty"`
+	// The process is not dumpable (PR_SET_DUMPABLE 0): no core dumps, and
+	// processes of the same uid cannot ptrace it or read /proc/PID/mem.
+	NonDumpable bool `protobuf:"varint,2,opt,name=non_dumpable,json=nonDumpable,proto3" json:"non_dumpable,omitempty"`
+	// The core file size limit is 0.
+	CoreLimitZero bool `protobuf:"varint,3,opt,name=core_limit_zero,json=coreLimitZero,proto3" json:"core_limit_zero,omitempty"`
+	// Bytes of raw key material held in pages locked in RAM (never swapped,
+	// left out of core dumps, wiped in forked children).
+	LockedBytes uint64 `protobuf:"varint,4,opt,name=locked_bytes,json=lockedBytes,proto3" json:"locked_bytes,omitempty"`
+	// Key buffers whose pages could not be locked (RLIMIT_MEMLOCK too small).
+	LockFailures  uint32 `protobuf:"varint,5,opt,name=lock_failures,json=lockFailures,proto3" json:"lock_failures,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *KeyProtection) Reset() {
 	*x = KeyProtection{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +682,7 @@ func (x *KeyProtection) String() string {
 func (*KeyProtection) ProtoMessage() {}
 
 func (x *KeyProtection) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +695,7 @@ func (x *KeyProtection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyProtection.ProtoReflect.Descriptor instead.
 func (*KeyProtection) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *KeyProtection) GetState() string {
@@ -615,11 +705,44 @@ func (x *KeyProtection) GetState() string {
 	return ""
 }
 
+func (x *KeyProtection) GetNonDumpable() bool {
+	if x != nil {
+		return x.NonDumpable
+	}
+	return false
+}
+
+func (x *KeyProtection) GetCoreLimitZero() bool {
+	if x != nil {
+		return x.CoreLimitZero
+	}
+	return false
+}
+
+func (x *KeyProtection) GetLockedBytes() uint64 {
+	if x != nil {
+		return x.LockedBytes
+	}
+	return 0
+}
+
+func (x *KeyProtection) GetLockFailures() uint32 {
+	if x != nil {
+		return x.LockFailures
+	}
+	return 0
+}
+
 var File_skykit_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xa3\x01\n" +
+	"\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n" +
+	"\x15ListIdentitiesRequest\"Y\n" +
+	"\x16ListIdentitiesResponse\x12?\n" +
+	"\n" +
+	"identities\x18\x01 \x03(\v2\x1f.skykit.agent.v1.IdentityStatusR\n" +
+	"identities\"\xa3\x01\n" +
 	"\x0fGetTokenRequest\x12\x1a\n" +
 	"\bidentity\x18\x01 \x01(\tR\bidentity\x125\n" +
 	"\blifetime\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\blifetime\x12=\n" +
@@ -664,11 +787,16 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\vfinished_at\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\n" +
 	"finishedAt\x12\x0e\n" +
 	"\x02ok\x18\x02 \x01(\bR\x02ok\x12\x14\n" +
-	"\x05error\x18\x03 \x01(\tR\x05error\"%\n" +
+	"\x05error\x18\x03 \x01(\tR\x05error\"\xb8\x01\n" +
 	"\rKeyProtection\x12\x14\n" +
-	"\x05state\x18\x01 \x01(\tR\x05state2_\n" +
+	"\x05state\x18\x01 \x01(\tR\x05state\x12!\n" +
+	"\fnon_dumpable\x18\x02 \x01(\bR\vnonDumpable\x12&\n" +
+	"\x0fcore_limit_zero\x18\x03 \x01(\bR\rcoreLimitZero\x12!\n" +
+	"\flocked_bytes\x18\x04 \x01(\x04R\vlockedBytes\x12#\n" +
+	"\rlock_failures\x18\x05 \x01(\rR\flockFailures2\xc2\x01\n" +
 	"\fTokenService\x12O\n" +
-	"\bGetToken\x12 .skykit.agent.v1.GetTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse2b\n" +
+	"\bGetToken\x12 .skykit.agent.v1.GetTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse\x12a\n" +
+	"\x0eListIdentities\x12&.skykit.agent.v1.ListIdentitiesRequest\x1a'.skykit.agent.v1.ListIdentitiesResponse2b\n" +
 	"\fAgentService\x12R\n" +
 	"\tGetStatus\x12!.skykit.agent.v1.GetStatusRequest\x1a\".skykit.agent.v1.GetStatusResponseBGZEgithub.com/skykit/skykit-agent/clients/go/skykitagentv1;skykitagentv1b\x06proto3"
 
@@ -684,45 +812,50 @@ func file_skykit_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_skykit_agent_v1_agent_proto_rawDescData
 }
 
-var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
 var file_skykit_agent_v1_agent_proto_goTypes = []any{
-	(*GetTokenRequest)(nil),       // 0: skykit.agent.v1.GetTokenRequest
-	(*GetTokenResponse)(nil),      // 1: skykit.agent.v1.GetTokenResponse
-	(*GetStatusRequest)(nil),      // 2: skykit.agent.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),     // 3: skykit.agent.v1.GetStatusResponse
-	(*IdentityStatus)(nil),        // 4: skykit.agent.v1.IdentityStatus
-	(*CacheEntryStatus)(nil),      // 5: skykit.agent.v1.CacheEntryStatus
-	(*ReloadStatus)(nil),          // 6: skykit.agent.v1.ReloadStatus
-	(*KeyProtection)(nil),         // 7: skykit.agent.v1.KeyProtection
-	(*durationpb.Duration)(nil),   // 8: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil), // 9: google.protobuf.Timestamp
+	(*ListIdentitiesRequest)(nil),  // 0: skykit.agent.v1.ListIdentitiesRequest
+	(*ListIdentitiesResponse)(nil), // 1: skykit.agent.v1.ListIdentitiesResponse
+	(*GetTokenRequest)(nil),        // 2: skykit.agent.v1.GetTokenRequest
+	(*GetTokenResponse)(nil),       // 3: skykit.agent.v1.GetTokenResponse
+	(*GetStatusRequest)(nil),       // 4: skykit.agent.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),      // 5: skykit.agent.v1.GetStatusResponse
+	(*IdentityStatus)(nil),         // 6: skykit.agent.v1.IdentityStatus
+	(*CacheEntryStatus)(nil),       // 7: skykit.agent.v1.CacheEntryStatus
+	(*ReloadStatus)(nil),           // 8: skykit.agent.v1.ReloadStatus
+	(*KeyProtection)(nil),          // 9: skykit.agent.v1.KeyProtection
+	(*durationpb.Duration)(nil),    // 10: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
 }
 var file_skykit_agent_v1_agent_proto_depIdxs = []int32{
-	8,  // 0: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
-	8,  // 1: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	9,  // 2: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
-	9,  // 3: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	9,  // 4: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
-	9,  // 5: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
-	4,  // 6: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
-	5,  // 7: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
-	6,  // 8: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
-	7,  // 9: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
-	8,  // 10: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
-	8,  // 11: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
-	9,  // 12: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
-	9,  // 13: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
-	9,  // 14: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
-	9,  // 15: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
-	0,  // 16: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
-	2,  // 17: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
-	1,  // 18: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
-	3,  // 19: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
-	18, // [18:20] is the sub-list for method output_type
-	16, // [16:18] is the sub-list for method input_type
-	16, // [16:16] is the sub-list for extension type_name
-	16, // [16:16] is the sub-list for extension extendee
-	0,  // [0:16] is the sub-list for field type_name
+	6,  // 0: skykit.agent.v1.ListIdentitiesResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	10, // 1: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
+	10, // 2: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	11, // 3: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
+	11, // 4: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	11, // 5: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
+	11, // 6: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
+	6,  // 7: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	7,  // 8: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
+	8,  // 9: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
+	9,  // 10: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
+	10, // 11: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
+	10, // 12: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
+	11, // 13: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
+	11, // 14: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
+	11, // 15: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
+	11, // 16: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
+	2,  // 17: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
+	0,  // 18: skykit.agent.v1.TokenService.ListIdentities:input_type -> skykit.agent.v1.ListIdentitiesRequest
+	4,  // 19: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
+	3,  // 20: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
+	1,  // 21: skykit.agent.v1.TokenService.ListIdentities:output_type -> skykit.agent.v1.ListIdentitiesResponse
+	5,  // 22: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
+	20, // [20:23] is the sub-list for method output_type
+	17, // [17:20] is the sub-list for method input_type
+	17, // [17:17] is the sub-list for extension type_name
+	17, // [17:17] is the sub-list for extension extendee
+	0,  // [0:17] is the sub-list for field type_name
 }
 
 func init() { file_skykit_agent_v1_agent_proto_init() }
@@ -736,7 +869,7 @@ func file_skykit_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_skykit_agent_v1_agent_proto_rawDesc), len(file_skykit_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   8,
+			NumMessages:   10,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -26,7 +26,8 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	TokenService_GetToken_FullMethodName = "/skykit.agent.v1.TokenService/GetToken"
+	TokenService_GetToken_FullMethodName       = "/skykit.agent.v1.TokenService/GetToken"
+	TokenService_ListIdentities_FullMethodName = "/skykit.agent.v1.TokenService/ListIdentities"
 )
 
 // TokenServiceClient is the client API for TokenService service.
@@ -40,9 +41,14 @@ type TokenServiceClient interface {
 	//
 	// Errors: NOT_FOUND for an unknown identity; INVALID_ARGUMENT for a
 	// lifetime outside 60s..3600s, a duration with non-zero nanos, or a
-	// min_valid_for longer than the lifetime; UNAVAILABLE when no token can be
-	// signed and none is cached.
+	// min_valid_for longer than the lifetime; PERMISSION_DENIED when the
+	// identity's policy does not admit the caller; UNAVAILABLE when no token
+	// can be signed and none is cached.
 	GetToken(ctx context.Context, in *GetTokenRequest, opts ...grpc.CallOption) (*GetTokenResponse, error)
+	// Lists the identities this caller may use (those whose policy admits the
+	// caller's uid, gid or groups), with issuer, key_id and default lifetime.
+	// Never returns key material.
+	ListIdentities(ctx context.Context, in *ListIdentitiesRequest, opts ...grpc.CallOption) (*ListIdentitiesResponse, error)
 }
 
 type tokenServiceClient struct {
@@ -63,6 +69,16 @@ func (c *tokenServiceClient) GetToken(ctx context.Context, in *GetTokenRequest, 
 	return out, nil
 }
 
+func (c *tokenServiceClient) ListIdentities(ctx context.Context, in *ListIdentitiesRequest, opts ...grpc.CallOption) (*ListIdentitiesResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListIdentitiesResponse)
+	err := c.cc.Invoke(ctx, TokenService_ListIdentities_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // TokenServiceServer is the server API for TokenService service.
 // All implementations must embed UnimplementedTokenServiceServer
 // for forward compatibility.
@@ -74,9 +90,14 @@ type TokenServiceServer interface {
 	//
 	// Errors: NOT_FOUND for an unknown identity; INVALID_ARGUMENT for a
 	// lifetime outside 60s..3600s, a duration with non-zero nanos, or a
-	// min_valid_for longer than the lifetime; UNAVAILABLE when no token can be
-	// signed and none is cached.
+	// min_valid_for longer than the lifetime; PERMISSION_DENIED when the
+	// identity's policy does not admit the caller; UNAVAILABLE when no token
+	// can be signed and none is cached.
 	GetToken(context.Context, *GetTokenRequest) (*GetTokenResponse, error)
+	// Lists the identities this caller may use (those whose policy admits the
+	// caller's uid, gid or groups), with issuer, key_id and default lifetime.
+	// Never returns key material.
+	ListIdentities(context.Context, *ListIdentitiesRequest) (*ListIdentitiesResponse, error)
 	mustEmbedUnimplementedTokenServiceServer()
 }
 
@@ -89,6 +110,9 @@ type UnimplementedTokenServiceServer struct{}
 
 func (UnimplementedTokenServiceServer) GetToken(context.Context, *GetTokenRequest) (*GetTokenResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method GetToken not implemented")
+}
+func (UnimplementedTokenServiceServer) ListIdentities(context.Context, *ListIdentitiesRequest) (*ListIdentitiesResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListIdentities not implemented")
 }
 func (UnimplementedTokenServiceServer) mustEmbedUnimplementedTokenServiceServer() {}
 func (UnimplementedTokenServiceServer) testEmbeddedByValue()                      {}
@@ -129,6 +153,24 @@ func _TokenService_GetToken_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenService_ListIdentities_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListIdentitiesRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(TokenServiceServer).ListIdentities(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: TokenService_ListIdentities_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(TokenServiceServer).ListIdentities(ctx, req.(*ListIdentitiesRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // TokenService_ServiceDesc is the grpc.ServiceDesc for TokenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -139,6 +181,10 @@ var TokenService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "GetToken",
 			Handler:    _TokenService_GetToken_Handler,
+		},
+		{
+			MethodName: "ListIdentities",
+			Handler:    _TokenService_ListIdentities_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

@@ -10,6 +10,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ListIdentitiesRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListIdentitiesResponse(_message.Message):
+    __slots__ = ("identities",)
+    IDENTITIES_FIELD_NUMBER: _ClassVar[int]
+    identities: _containers.RepeatedCompositeFieldContainer[IdentityStatus]
+    def __init__(self, identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ...) -> None: ...
+
 class GetTokenRequest(_message.Message):
     __slots__ = ("identity", "lifetime", "min_valid_for")
     IDENTITY_FIELD_NUMBER: _ClassVar[int]
@@ -101,7 +111,15 @@ class ReloadStatus(_message.Message):
     def __init__(self, finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ...) -> None: ...
 
 class KeyProtection(_message.Message):
-    __slots__ = ("state",)
+    __slots__ = ("state", "non_dumpable", "core_limit_zero", "locked_bytes", "lock_failures")
     STATE_FIELD_NUMBER: _ClassVar[int]
+    NON_DUMPABLE_FIELD_NUMBER: _ClassVar[int]
+    CORE_LIMIT_ZERO_FIELD_NUMBER: _ClassVar[int]
+    LOCKED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCK_FAILURES_FIELD_NUMBER: _ClassVar[int]
     state: str
-    def __init__(self, state: _Optional[str] = ...) -> None: ...
+    non_dumpable: bool
+    core_limit_zero: bool
+    locked_bytes: int
+    lock_failures: int
+    def __init__(self, state: _Optional[str] = ..., non_dumpable: _Optional[bool] = ..., core_limit_zero: _Optional[bool] = ..., locked_bytes: _Optional[int] = ..., lock_failures: _Optional[int] = ...) -> None: ...

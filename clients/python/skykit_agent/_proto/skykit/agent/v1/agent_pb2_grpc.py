@@ -40,6 +40,11 @@ class TokenServiceStub:
                 request_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenRequest.SerializeToString,
                 response_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.FromString,
                 _registered_method=True)
+        self.ListIdentities = channel.unary_unary(
+                '/skykit.agent.v1.TokenService/ListIdentities',
+                request_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.SerializeToString,
+                response_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -52,8 +57,18 @@ class TokenServiceServicer:
 
         Errors: NOT_FOUND for an unknown identity; INVALID_ARGUMENT for a
         lifetime outside 60s..3600s, a duration with non-zero nanos, or a
-        min_valid_for longer than the lifetime; UNAVAILABLE when no token can be
-        signed and none is cached.
+        min_valid_for longer than the lifetime; PERMISSION_DENIED when the
+        identity's policy does not admit the caller; UNAVAILABLE when no token
+        can be signed and none is cached.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListIdentities(self, request, context):
+        """Lists the identities this caller may use (those whose policy admits the
+        caller's uid, gid or groups), with issuer, key_id and default lifetime.
+        Never returns key material.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -66,6 +81,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.GetToken,
                     request_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenRequest.FromString,
                     response_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.SerializeToString,
+            ),
+            'ListIdentities': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListIdentities,
+                    request_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.FromString,
+                    response_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +116,33 @@ class TokenService:
             '/skykit.agent.v1.TokenService/GetToken',
             skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenRequest.SerializeToString,
             skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListIdentities(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/skykit.agent.v1.TokenService/ListIdentities',
+            skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.SerializeToString,
+            skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.FromString,
             options,
             channel_credentials,
             insecure,
