@@ -148,6 +148,9 @@ pub struct ServeArgs {
     /// Log level [default: $RUST_LOG, else info]
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<LogLevel>,
+    /// Benchmarks only: sign a new token for every call, bypassing the cache
+    #[arg(long, hide = true)]
+    pub bench_sign_every_call: bool,
 }
 
 #[derive(Debug, Args)]
@@ -258,7 +261,10 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(daemon::run(loader, config, identities))?;
+    let options = daemon::Options {
+        sign_every_call: args.bench_sign_every_call,
+    };
+    runtime.block_on(daemon::run(loader, config, identities, options))?;
     Ok(())
 }
 

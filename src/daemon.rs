@@ -65,9 +65,21 @@ impl Loader {
     }
 }
 
+/// How `serve` runs beyond what the config says.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Benchmarks only: sign for every call instead of using the cache.
+    pub sign_every_call: bool,
+}
+
 /// Serves until SIGTERM or SIGINT. Returns (rather than exiting) so the
 /// keys are dropped and zeroized on the way out.
-pub async fn run(loader: Loader, config: Config, identities: Identities) -> anyhow::Result<()> {
+pub async fn run(
+    loader: Loader,
+    config: Config,
+    identities: Identities,
+    options: Options,
+) -> anyhow::Result<()> {
     let shutdown = Shutdown::install().context("cannot install signal handlers")?;
     let hangups = signal(SignalKind::hangup()).context("cannot install the SIGHUP handler")?;
     let (listener, bound) = listen(&config)?;
@@ -80,7 +92,11 @@ pub async fn run(loader: Loader, config: Config, identities: Identities) -> anyh
         tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
     let tracker = Arc::new(Tracker::new(socket_path.clone()));
     let registry = Arc::new(Registry::new(identities));
-    let service = Service::new(registry.clone(), tracker.clone());
+    let mut service = Service::new(registry.clone(), tracker.clone());
+    if options.sign_every_call {
+        tracing::warn!("benchmark mode: signing for every call, bypassing the cache");
+        service = service.signing_every_call();
+    }
     let protection = Protection::current();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),

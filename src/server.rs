@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status, transport::Server};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    cache::{self, Cache, Issued, SystemClock},
+    cache::{self, Cache, Clock as _, Issued, Signer as _, SystemClock},
     identity::{Identity, Registry},
     memory::Protection,
     peer::{Caller, Incoming},
@@ -37,6 +37,10 @@ pub struct Service {
     registry: Arc<Registry>,
     cache: AgentCache,
     tracker: Arc<Tracker>,
+    /// Benchmarks only: sign for every call, bypassing the cache, to
+    /// measure signing throughput. Not a user feature: tokens signed in
+    /// the same second are identical anyway.
+    sign_every_call: bool,
 }
 
 impl Service {
@@ -46,7 +50,14 @@ impl Service {
             registry,
             cache,
             tracker,
+            sign_every_call: false,
         }
+    }
+
+    /// Benchmarks only: see [`Service::sign_every_call`].
+    pub fn signing_every_call(mut self) -> Self {
+        self.sign_every_call = true;
+        self
     }
 
     /// The cache, for status reporting and sweeping.
@@ -87,11 +98,12 @@ impl TokenService for Service {
             identity: identity.name.clone(),
             lifetime,
         };
-        let issued = self
-            .cache
-            .get(&key, min_valid_for, caller.peer)
-            .await
-            .map_err(|error| Status::unavailable(error.to_string()))?;
+        let issued = if self.sign_every_call {
+            self.sign_uncached(key).await
+        } else {
+            self.cache.get(&key, min_valid_for, caller.peer).await
+        }
+        .map_err(|error| Status::unavailable(error.to_string()))?;
         tracing::debug!(
             identity = %identity.name,
             lifetime_secs = lifetime.secs(),
@@ -242,6 +254,27 @@ fn since_epoch(time: Duration) -> Timestamp {
     Timestamp {
         seconds: time.as_secs() as i64,
         nanos: time.subsec_nanos() as i32,
+    }
+}
+
+impl Service {
+    /// One signature for this call alone, on a blocking thread.
+    async fn sign_uncached(&self, key: cache::Key) -> Result<Issued, cache::Error> {
+        let registry = self.registry.clone();
+        let identity = key.identity.clone();
+        let issued_at = SystemClock.wall().as_secs();
+        let signed = tokio::task::spawn_blocking(move || {
+            registry.sign(&key.identity, key.lifetime, issued_at)
+        })
+        .await
+        .unwrap_or_else(|_| Err(cache::SignFailure("the signing thread panicked".into())));
+        signed
+            .map(|token| Issued {
+                refresh_after: Duration::from_secs(token.issued_at) + token.lifetime() / 2,
+                token: Arc::new(token),
+                fresh: true,
+            })
+            .map_err(|reason| cache::Error::Unavailable { identity, reason })
     }
 }
 
