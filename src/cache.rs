@@ -127,6 +127,10 @@ pub enum Error {
         identity: Arc<str>,
         reason: SignFailure,
     },
+    #[error(
+        "uid {uid} has forced too many new signatures: reuse tokens (a fixed lifetime, no min_valid_for) or retry later"
+    )]
+    Throttled { uid: u32 },
 }
 
 /// The cache; cheap to clone (all clones share the entries).
@@ -146,6 +150,9 @@ struct Shared<S, C> {
     signer: S,
     clock: C,
     entries: Mutex<HashMap<Key, Entry>>,
+    /// Bumped by [`Cache::forget`]: a signature that started before it
+    /// may use a replaced key, so its token is not stored.
+    generation: std::sync::atomic::AtomicU64,
 }
 
 type Outcome = Result<Fresh, SignFailure>;
@@ -203,6 +210,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 signer,
                 clock,
                 entries: Mutex::new(HashMap::new()),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
         }
     }
@@ -214,6 +222,19 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         key: &Key,
         min_valid_for: Duration,
         caller: Peer,
+    ) -> Result<Issued, Error> {
+        self.get_within(key, min_valid_for, caller, &|| true).await
+    }
+
+    /// Like [`Cache::get`], but a request that would start a new signature
+    /// (not a background refresh, not one it can join) first asks
+    /// `may_sign`, and fails with [`Error::Throttled`] if refused.
+    pub async fn get_within(
+        &self,
+        key: &Key,
+        min_valid_for: Duration,
+        caller: Peer,
+        may_sign: &(dyn Fn() -> bool + Sync),
     ) -> Result<Issued, Error> {
         let mut receiver = {
             let now = (self.shared.clock.wall(), self.shared.clock.mono());
@@ -242,10 +263,14 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 }
                 return Ok(issued);
             }
-            entry
-                .signing
-                .get_or_insert_with(|| self.start_signing(key.clone(), caller))
-                .clone()
+            match &entry.signing {
+                Some(signing) => signing.clone(),
+                None if !may_sign() => return Err(Error::Throttled { uid: caller.uid }),
+                None => entry
+                    .signing
+                    .insert(self.start_signing(key.clone(), caller))
+                    .clone(),
+            }
         };
         let outcome = match receiver.wait_for(Option::is_some).await {
             Ok(outcome) => outcome
@@ -276,10 +301,16 @@ impl<S: Signer, C: Clock> Cache<S, C> {
     }
 
     /// Drops every entry of `identity`, e.g. after its key or issuer changed.
+    /// Signatures still in flight complete for their callers, but their
+    /// tokens are not cached.
     pub fn forget(&self, identity: &str) {
+        let mut entries = self.shared.lock();
+        // Under the lock, so a signature cannot finish between the bump and
+        // the removal and slip its token in.
         self.shared
-            .lock()
-            .retain(|key, _| &*key.identity != identity);
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entries.retain(|key, _| &*key.identity != identity);
     }
 
     /// The entries holding a token, sorted by identity and lifetime.
@@ -337,6 +368,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
     fn start_signing(&self, key: Key, caller: Peer) -> watch::Receiver<Option<Outcome>> {
         let (sender, receiver) = watch::channel(None);
         let shared = self.shared.clone();
+        let generation = shared.generation.load(std::sync::atomic::Ordering::SeqCst);
         tokio::spawn(async move {
             let started_wall = shared.clock.wall();
             let started_mono = shared.clock.mono();
@@ -354,7 +386,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             })
             .await
             .unwrap_or_else(|_| Err(SignFailure("the signing thread panicked".into())));
-            let outcome = shared.finish(&key, caller, result, mono_issued_at);
+            let outcome = shared.finish(&key, caller, result, mono_issued_at, generation);
             sender.send_replace(Some(outcome));
         });
         receiver
@@ -378,10 +410,22 @@ impl<S, C: Clock> Shared<S, C> {
         caller: Peer,
         result: Result<Token, SignFailure>,
         mono_issued_at: Instant,
+        generation: u64,
     ) -> Outcome {
         let now_wall = self.clock.wall();
         let now_mono = self.clock.mono();
         let mut entries = self.lock();
+        if self.generation.load(std::sync::atomic::Ordering::SeqCst) != generation {
+            // The identity was forgotten (key or issuer replaced) while this
+            // signature ran: hand the token to its waiters, cache nothing.
+            if let Some(entry) = entries.get_mut(key) {
+                entry.signing = None;
+            }
+            return result.map(|token| Fresh {
+                refresh_after: refresh_after(&token, key.lifetime),
+                token: Arc::new(token),
+            });
+        }
         let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
             current: None,
             signing: None,
@@ -391,8 +435,7 @@ impl<S, C: Clock> Shared<S, C> {
         match result {
             Ok(token) => {
                 let token = Arc::new(token);
-                let refresh_after = Duration::from_secs(token.issued_at)
-                    + key.lifetime.duration().mul_f64(refresh_fraction());
+                let refresh_after = refresh_after(&token, key.lifetime);
                 tracing::info!(
                     identity = %key.identity,
                     lifetime_secs = key.lifetime.secs(),
@@ -445,6 +488,11 @@ impl<S, C: Clock> Shared<S, C> {
 fn is_stale(key: &Key, entry: &Entry, now: Instant) -> bool {
     entry.signing.is_none()
         && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
+}
+
+/// `iat + lifetime × u`: when a client should ask again.
+fn refresh_after(token: &Token, lifetime: Lifetime) -> Duration {
+    Duration::from_secs(token.issued_at) + lifetime.duration().mul_f64(refresh_fraction())
 }
 
 /// u in [0.45, 0.55), uniform, from the system's CSPRNG.

@@ -17,7 +17,7 @@ use toml::{
     de::{DeTable, DeValue},
 };
 
-use crate::{duration, policy::Policy, token::Lifetime};
+use crate::{duration, limits::Limits, policy::Policy, token::Lifetime};
 
 /// Names the config file to read instead of the default.
 pub const ENV_CONFIG: &str = "SKYKIT_AGENT_CONFIG";
@@ -85,6 +85,8 @@ pub struct Config {
     pub socket_group: Option<Group>,
     /// Refuse to start (or reload) when key memory cannot be locked in RAM.
     pub require_locked_memory: bool,
+    /// Bounds on messages, streams, connections and signatures.
+    pub limits: Limits,
     /// Invariant: not empty, names unique, exactly one marked default.
     pub identities: Vec<IdentityConfig>,
 }
@@ -215,6 +217,7 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
             socket_mode: parsed.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE),
             socket_group: parsed.socket_group,
             require_locked_memory: parsed.require_locked_memory,
+            limits: parsed.limits,
             identities,
         }),
         _ => Err(Problems(problems)),
@@ -269,6 +272,7 @@ struct FileSettings {
     socket_mode: Option<u32>,
     socket_group: Option<Group>,
     require_locked_memory: bool,
+    limits: Limits,
     identities: Vec<IdentityConfig>,
     /// The file has `[[identity]]` sections, even if some were invalid.
     declares_identities: bool,
@@ -319,6 +323,10 @@ fn parse_file(
                     }
                 }
             }
+            "limits" => match value.get_ref() {
+                DeValue::Table(fields) => parse_limits(fields, &mut settings.limits, &at, problems),
+                _ => problems.push(format!("{here}: `limits` must be a table: write [limits]")),
+            },
             "require_locked_memory" => {
                 settings.require_locked_memory =
                     expect_bool(value, &here, "require_locked_memory", problems).unwrap_or(false)
@@ -365,7 +373,101 @@ fn parse_file(
     settings
 }
 
-const TOP_LEVEL_KEYS: &str = "socket, socket_mode, socket_group, require_locked_memory, identity";
+const TOP_LEVEL_KEYS: &str =
+    "socket, socket_mode, socket_group, require_locked_memory, limits, identity";
+const LIMIT_KEYS: &str = "max_message_bytes, max_concurrent_streams, max_calls_per_connection, request_timeout, keepalive_interval, keepalive_timeout, max_header_list_bytes, max_connections, handshake_timeout, new_signatures_per_uid_per_minute, drain_timeout";
+
+/// Reads `[limits]`; each value must be a positive integer or a duration
+/// of at least one second.
+fn parse_limits(
+    fields: &DeTable<'_>,
+    limits: &mut Limits,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+    problems: &mut Vec<String>,
+) {
+    for (field, value) in fields {
+        let here = at(field.span());
+        let name = field.get_ref().as_ref();
+        let count = |problems: &mut Vec<String>| expect_count(value, &here, name, problems);
+        let time = |problems: &mut Vec<String>| expect_duration(value, &here, name, problems);
+        match name {
+            "max_message_bytes" => count(problems).map(|n| limits.max_message_bytes = n as usize),
+            "max_concurrent_streams" => count(problems).map(|n| limits.max_concurrent_streams = n),
+            "max_calls_per_connection" => {
+                count(problems).map(|n| limits.max_calls_per_connection = n as usize)
+            }
+            "max_header_list_bytes" => count(problems).map(|n| limits.max_header_list_bytes = n),
+            "max_connections" => count(problems).map(|n| limits.max_connections = n as usize),
+            "new_signatures_per_uid_per_minute" => {
+                count(problems).map(|n| limits.new_signatures_per_uid_per_minute = n)
+            }
+            "request_timeout" => time(problems).map(|d| limits.request_timeout = d),
+            "keepalive_interval" => time(problems).map(|d| limits.keepalive_interval = d),
+            "keepalive_timeout" => time(problems).map(|d| limits.keepalive_timeout = d),
+            "handshake_timeout" => time(problems).map(|d| limits.handshake_timeout = d),
+            "drain_timeout" => time(problems).map(|d| limits.drain_timeout = d),
+            other => {
+                problems.push(format!(
+                    "{here}: unknown key `{other}` in [limits]; expected one of: {LIMIT_KEYS}"
+                ));
+                None
+            }
+        };
+    }
+}
+
+fn expect_count(
+    value: &Spanned<DeValue<'_>>,
+    here: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<u32> {
+    let parsed = match value.get_ref() {
+        DeValue::Integer(number) => number.as_str().parse::<u32>().ok().filter(|&n| n > 0),
+        _ => None,
+    };
+    if parsed.is_none() {
+        problems.push(format!(
+            "{here}: `{name}` must be a positive whole number (at most 4294967295), not {}",
+            describe_value(value)
+        ));
+    }
+    parsed
+}
+
+fn expect_duration(
+    value: &Spanned<DeValue<'_>>,
+    here: &str,
+    name: &str,
+    problems: &mut Vec<String>,
+) -> Option<std::time::Duration> {
+    let DeValue::String(text) = value.get_ref() else {
+        problems.push(format!(
+            "{here}: `{name}` must be a duration string such as \"5s\", not {}",
+            describe_value(value)
+        ));
+        return None;
+    };
+    match duration::parse(text) {
+        Ok(parsed) if parsed.as_secs() >= 1 => Some(parsed),
+        Ok(_) => {
+            problems.push(format!("{here}: `{name}` must be at least 1s"));
+            None
+        }
+        Err(error) => {
+            problems.push(format!("{here}: `{name}`: {error}"));
+            None
+        }
+    }
+}
+
+fn describe_value(value: &Spanned<DeValue<'_>>) -> String {
+    match value.get_ref() {
+        DeValue::Integer(number) => number.as_str().to_owned(),
+        DeValue::String(text) => format!("{text:?}"),
+        other => other.type_str().to_owned(),
+    }
+}
 const IDENTITY_KEYS: &str = "name, issuer, key, key_credential, lifetime, default, allow_insecure_key_permissions, allow_uids, allow_gids, allow_users, allow_groups";
 
 fn parse_identity(

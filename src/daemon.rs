@@ -2,12 +2,7 @@
 //! systemd when tokens can be served, reload config and keys on SIGHUP
 //! without dropping a request, and stop on SIGTERM or SIGINT.
 
-use std::{
-    fmt,
-    path::PathBuf,
-    sync::Arc,
-    time::{Duration, SystemTime},
-};
+use std::{fmt, path::PathBuf, sync::Arc, time::SystemTime};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -22,10 +17,6 @@ use crate::{
     status::{Reload, Tracker},
     systemd,
 };
-
-/// How long calls in flight may take to finish after SIGTERM; well under
-/// systemd's default stop timeout of 90 s.
-const DRAIN_GRACE: Duration = Duration::from_secs(10);
 
 /// Loads config and keys the same way at start, on reload and for `check`.
 #[derive(Debug, Clone)]
@@ -92,7 +83,7 @@ pub async fn run(
         tokio::net::UnixListener::from_std(listener).context("cannot register the socket")?;
     let tracker = Arc::new(Tracker::new(socket_path.clone()));
     let registry = Arc::new(Registry::new(identities));
-    let mut service = Service::new(registry.clone(), tracker.clone());
+    let mut service = Service::new(registry.clone(), tracker.clone(), config.limits);
     if options.sign_every_call {
         tracing::warn!("benchmark mode: signing for every call, bypassing the cache");
         service = service.signing_every_call();
@@ -127,7 +118,7 @@ pub async fn run(
         shutdown.wait().await;
         systemd::stopping();
     };
-    let result = server::run(listener, service, stop, DRAIN_GRACE).await;
+    let result = server::run(listener, service, stop).await;
     reloader.abort();
     watchdog.abort();
     drop(bound);
@@ -231,6 +222,7 @@ fn warn_about_unreloadable(before: &Config, after: &Config) {
         ("socket", before.socket != after.socket),
         ("socket_mode", before.socket_mode != after.socket_mode),
         ("socket_group", before.socket_group != after.socket_group),
+        ("limits", before.limits != after.limits),
     ];
     for (setting, changed) in settings {
         if changed {

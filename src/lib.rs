@@ -19,6 +19,7 @@ pub mod daemon;
 pub mod duration;
 pub mod identity;
 pub mod key;
+pub mod limits;
 pub mod memory;
 pub mod peer;
 pub mod policy;

@@ -18,6 +18,7 @@ use futures_core::Stream;
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{UnixListener, UnixStream},
+    sync::{Notify, futures::OwnedNotified},
     time::Sleep,
 };
 use tonic::transport::server::Connected;
@@ -26,6 +27,8 @@ use tonic::transport::server::Connected;
 /// descriptors or memory: long enough not to spin, short enough to recover
 /// quickly once connections close.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The HTTP/2 client preface: `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: usize = 24;
 
 /// The caller's identity as the kernel captured it at `connect(2)`
 /// (`SO_PEERCRED`): it cannot be forged by the caller afterwards.
@@ -126,22 +129,35 @@ impl fmt::Display for Peer {
 pub struct PeerStream {
     stream: UnixStream,
     caller: Caller,
+    /// Until the client has sent the HTTP/2 preface: the deadline for it
+    /// and the bytes received so far. A client that connects and stalls
+    /// would otherwise hold a descriptor forever (keepalive pings only
+    /// start after the handshake).
+    handshake: Option<(Pin<Box<Sleep>>, usize)>,
     _open: OpenConnection,
 }
 
-/// Counts a connection as open for as long as it lives.
-struct OpenConnection(Arc<AtomicUsize>);
+/// Counts a connection as open for as long as it lives, and wakes the
+/// accept loop when it closes.
+struct OpenConnection {
+    count: Arc<AtomicUsize>,
+    closed: Arc<Notify>,
+}
 
 impl OpenConnection {
-    fn new(count: &Arc<AtomicUsize>) -> Self {
+    fn new(count: &Arc<AtomicUsize>, closed: &Arc<Notify>) -> Self {
         count.fetch_add(1, Ordering::Relaxed);
-        OpenConnection(count.clone())
+        OpenConnection {
+            count: count.clone(),
+            closed: closed.clone(),
+        }
     }
 }
 
 impl Drop for OpenConnection {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        self.closed.notify_one();
     }
 }
 
@@ -159,7 +175,35 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let result = Pin::new(&mut self.stream).poll_read(cx, buf);
+        let Some((deadline, received)) = self.handshake.as_mut() else {
+            return result;
+        };
+        match &result {
+            Poll::Ready(Ok(())) => {
+                *received += buf.filled().len() - before;
+                if *received >= PREFACE_LEN {
+                    self.handshake = None;
+                }
+                result
+            }
+            Poll::Ready(Err(_)) => result,
+            Poll::Pending => match deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    tracing::info!(
+                        uid = self.caller.peer.uid,
+                        pid = self.caller.peer.pid,
+                        "closing a connection that did not complete the HTTP/2 handshake in time"
+                    );
+                    Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "no HTTP/2 preface within the handshake timeout",
+                    )))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
     }
 }
 
@@ -201,8 +245,14 @@ impl AsyncWrite for PeerStream {
 pub struct Incoming {
     listener: UnixListener,
     backoff: Option<Pin<Box<Sleep>>>,
-    /// Open connections, for status reports.
+    /// Open connections, for status reports and the cap.
     open: Arc<AtomicUsize>,
+    /// At this many open connections, accepting pauses until one closes;
+    /// new clients wait in the kernel's backlog meanwhile.
+    max_connections: usize,
+    closed: Arc<Notify>,
+    waiting_for_close: Option<Pin<Box<OwnedNotified>>>,
+    handshake_timeout: Duration,
 }
 
 impl Incoming {
@@ -211,7 +261,21 @@ impl Incoming {
             listener,
             backoff: None,
             open,
+            max_connections: usize::MAX,
+            closed: Arc::new(Notify::new()),
+            waiting_for_close: None,
+            handshake_timeout: Duration::from_secs(5),
         }
+    }
+
+    pub fn max_connections(mut self, max: usize) -> Self {
+        self.max_connections = max.max(1);
+        self
+    }
+
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 }
 
@@ -224,6 +288,20 @@ impl Stream for Incoming {
                 std::task::ready!(backoff.as_mut().poll(cx));
                 self.backoff = None;
             }
+            if let Some(waiting) = self.waiting_for_close.as_mut() {
+                std::task::ready!(waiting.as_mut().poll(cx));
+                self.waiting_for_close = None;
+            }
+            if self.open.load(Ordering::Relaxed) >= self.max_connections {
+                tracing::warn!(
+                    max_connections = self.max_connections,
+                    "connection limit reached; new connections wait until one closes"
+                );
+                // A close between the check and here stores a permit in the
+                // Notify, so the wake-up is not lost.
+                self.waiting_for_close = Some(Box::pin(self.closed.clone().notified_owned()));
+                continue;
+            }
             match std::task::ready!(self.listener.poll_accept(cx)) {
                 Ok((stream, _)) => match Caller::of(&stream) {
                     Ok(caller) => {
@@ -234,10 +312,12 @@ impl Stream for Incoming {
                             exe = caller.exe.as_deref(),
                             "accepted connection"
                         );
-                        let open = OpenConnection::new(&self.open);
+                        let open = OpenConnection::new(&self.open, &self.closed);
+                        let deadline = Box::pin(tokio::time::sleep(self.handshake_timeout));
                         return Poll::Ready(Some(Ok(PeerStream {
                             stream,
                             caller,
+                            handshake: Some((deadline, 0)),
                             _open: open,
                         })));
                     }

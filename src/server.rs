@@ -12,6 +12,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::{
     cache::{self, Cache, Clock as _, Issued, Signer as _, SystemClock},
     identity::{Identity, Registry},
+    limits::{Limits, SignatureBudget},
     memory::Protection,
     peer::{Caller, Incoming},
     proto::{
@@ -37,6 +38,9 @@ pub struct Service {
     registry: Arc<Registry>,
     cache: AgentCache,
     tracker: Arc<Tracker>,
+    /// Signatures each uid may force.
+    budget: Arc<SignatureBudget>,
+    limits: Limits,
     /// Benchmarks only: sign for every call, bypassing the cache, to
     /// measure signing throughput. Not a user feature: tokens signed in
     /// the same second are identical anyway.
@@ -44,12 +48,16 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(registry: Arc<Registry>, tracker: Arc<Tracker>) -> Self {
+    pub fn new(registry: Arc<Registry>, tracker: Arc<Tracker>, limits: Limits) -> Self {
         let cache = Cache::new(registry.clone(), SystemClock);
         Service {
             registry,
             cache,
             tracker,
+            budget: Arc::new(SignatureBudget::new(
+                limits.new_signatures_per_uid_per_minute,
+            )),
+            limits,
             sign_every_call: false,
         }
     }
@@ -101,9 +109,18 @@ impl TokenService for Service {
         let issued = if self.sign_every_call {
             self.sign_uncached(key).await
         } else {
-            self.cache.get(&key, min_valid_for, caller.peer).await
+            let may_sign = || self.budget.try_take(caller.peer.uid);
+            self.cache
+                .get_within(&key, min_valid_for, caller.peer, &may_sign)
+                .await
         }
-        .map_err(|error| Status::unavailable(error.to_string()))?;
+        .map_err(|error| match error {
+            cache::Error::Throttled { .. } => Status::resource_exhausted(format!(
+                "{error} (the limit is {} per minute)",
+                self.limits.new_signatures_per_uid_per_minute
+            )),
+            cache::Error::Unavailable { .. } => Status::unavailable(error.to_string()),
+        })?;
         tracing::debug!(
             identity = %identity.name,
             lifetime_secs = lifetime.secs(),
@@ -327,7 +344,8 @@ pub enum Error {
 pub const TOKEN_SERVICE_NAME: &str = "skykit.agent.v1.TokenService";
 
 /// Serves on `listener` until `shutdown` resolves, then stops accepting and
-/// lets calls in flight finish for at most `grace`.
+/// lets calls in flight finish for at most the drain timeout. Every limit
+/// in `[limits]` is applied here.
 ///
 /// Besides the token service it serves `grpc.health.v1.Health` (SERVING
 /// until shutdown begins) and server reflection in both versions, so
@@ -336,8 +354,9 @@ pub async fn run(
     listener: UnixListener,
     service: Service,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
 ) -> Result<(), Error> {
+    let limits = service.limits;
+    let grace = limits.drain_timeout;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status(TOKEN_SERVICE_NAME, ServingStatus::Serving)
@@ -356,10 +375,31 @@ pub async fn run(
         let _ = draining.send(());
     };
     let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));
-    let incoming = Incoming::new(listener, service.tracker.open_connections.clone());
+    let max_connections = limits.effective_max_connections();
+    tracing::debug!(?limits, max_connections, "limits");
+    let incoming = Incoming::new(listener, service.tracker.open_connections.clone())
+        .max_connections(max_connections)
+        .handshake_timeout(limits.handshake_timeout);
+    let message_limit = limits.max_message_bytes;
     let server = Server::builder()
-        .add_service(TokenServiceServer::new(service.clone()))
-        .add_service(AgentServiceServer::new(service))
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .concurrency_limit_per_connection(limits.max_calls_per_connection)
+        // Calls beyond the per-connection limit are refused with
+        // RESOURCE_EXHAUSTED at once instead of queueing without bound.
+        .load_shed(true)
+        .timeout(limits.request_timeout)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+        .http2_max_header_list_size(limits.max_header_list_bytes)
+        .add_service(
+            TokenServiceServer::new(service.clone())
+                .max_decoding_message_size(message_limit)
+                .max_encoding_message_size(message_limit),
+        )
+        .add_service(
+            // Status reports grow with the cache, so only requests are capped.
+            AgentServiceServer::new(service).max_decoding_message_size(message_limit),
+        )
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -338,7 +338,9 @@ async fn nothing_servable_and_signing_fails_is_unavailable() {
         .get(&key("default", 600), Duration::ZERO, CALLER)
         .await
         .unwrap_err();
-    let Error::Unavailable { identity, reason } = error;
+    let Error::Unavailable { identity, reason } = error else {
+        panic!("expected Unavailable, got {error:?}");
+    };
     assert_eq!(&*identity, "default");
     assert!(reason.to_string().contains("told to fail"));
 }
@@ -430,4 +432,53 @@ async fn forget_drops_only_that_identity() {
     get(&cache, &key("b", 600)).await;
     cache.forget("a");
     assert_eq!(cache.len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_requests_that_start_a_signature_spend_the_budget() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 600);
+    let refuse = || false;
+    let error = cache
+        .get_within(&key, Duration::ZERO, CALLER, &refuse)
+        .await
+        .unwrap_err();
+    assert!(matches!(error, Error::Throttled { uid: 1000 }), "{error:?}");
+    assert_eq!(signer.calls(), 0);
+    get(&cache, &key).await;
+    // A hit costs nothing, even for a caller with no budget left.
+    let hit = cache
+        .get_within(&key, Duration::ZERO, CALLER, &refuse)
+        .await
+        .unwrap();
+    assert!(!hit.fresh);
+    // Forcing a new signature with min_valid_for does cost.
+    tokio::time::advance(Duration::from_secs(10)).await;
+    let forced = cache
+        .get_within(&key, Duration::from_secs(595), CALLER, &refuse)
+        .await;
+    assert!(matches!(forced, Err(Error::Throttled { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_signature_in_flight_when_its_identity_is_forgotten_is_not_cached() {
+    let (cache, signer, _) = setup();
+    let key = key("slow", 600);
+    let waiter = {
+        let cache = cache.clone();
+        let key = key.clone();
+        tokio::spawn(async move { get(&cache, &key).await })
+    };
+    until_signed_started(&signer, 1).await;
+    cache.forget("slow");
+    signer.gate.open();
+    let served = waiter.await.unwrap();
+    assert!(served.fresh, "the waiter still gets its token");
+    settle().await;
+    let next = get(&cache, &key).await;
+    assert!(
+        next.fresh,
+        "but it was not cached: the next call signs anew"
+    );
+    assert_eq!(signer.calls(), 2);
 }

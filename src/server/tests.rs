@@ -44,6 +44,7 @@ async fn start() -> Running {
         socket_mode: 0o600,
         socket_group: None,
         require_locked_memory: true,
+        limits: crate::limits::Limits::default(),
         identities: vec![IdentityConfig {
             name: "default".into(),
             issuer: "test@example.com".into(),
@@ -64,15 +65,14 @@ async fn start() -> Running {
     let listener = UnixListener::from_std(bound.take_listener().unwrap()).unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
     let tracker = Arc::new(crate::status::Tracker::new(socket_path.clone()));
+    let limits = crate::limits::Limits {
+        drain_timeout: Duration::from_millis(300),
+        ..crate::limits::Limits::default()
+    };
     let server = tokio::spawn(async move {
-        let result = run(
-            listener,
-            Service::new(registry, tracker),
-            async {
-                let _ = stopped.await;
-            },
-            Duration::from_millis(300),
-        )
+        let result = run(listener, Service::new(registry, tracker, limits), async {
+            let _ = stopped.await;
+        })
         .await;
         drop(bound);
         result

@@ -2,11 +2,13 @@
 //! dir, one module per feature; `support` holds the shared helpers.
 
 mod config;
+mod daemon;
 mod keygen;
 mod keys;
 mod serve;
 mod signal;
 mod socket;
+mod supply_chain;
 mod support;
 mod token;
 mod units;
