@@ -428,6 +428,7 @@ fn format_status(report: &GetStatusResponse, serving: bool) -> String {
         ),
     });
     lines.push(format!("open connections: {}", report.open_connections));
+    lines.push(format!("calls in progress: {}", report.calls_in_progress));
     lines.push(format!(
         "key protection: {}",
         report

@@ -114,8 +114,12 @@ pub async fn run(
             tracker,
         },
     ));
+    let socket_lost = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop = async {
-        shutdown.wait().await;
+        tokio::select! {
+            () = shutdown.wait() => {}
+            () = watch_socket_file(bound.as_ref(), &socket_lost) => {}
+        }
         systemd::stopping();
     };
     let result = server::run(listener, service, stop).await;
@@ -123,8 +127,40 @@ pub async fn run(
     watchdog.abort();
     drop(bound);
     result?;
+    if socket_lost.load(std::sync::atomic::Ordering::Relaxed) {
+        anyhow::bail!(
+            "the socket file {} was deleted or replaced while the agent ran, so clients could no longer reach it; exiting so the service manager restarts the agent with a new socket",
+            socket_path.display()
+        );
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the agent checks that its socket file is still in place.
+const SOCKET_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Resolves when the socket file the agent bound is deleted or replaced
+/// (e.g. by a careless cleanup of /run). Clients cannot reach an unlinked
+/// socket, so the agent stops and exits non-zero: under systemd,
+/// `Restart=on-failure` brings it back on a fresh socket. A socket systemd
+/// passed in is systemd's to manage, so it is not watched.
+async fn watch_socket_file(bound: Option<&BoundSocket>, lost: &std::sync::atomic::AtomicBool) {
+    let Some(bound) = bound else {
+        return std::future::pending().await;
+    };
+    let mut ticks = tokio::time::interval(SOCKET_CHECK_INTERVAL);
+    loop {
+        ticks.tick().await;
+        if !bound.is_intact() {
+            tracing::error!(
+                socket = %bound.path().display(),
+                "the socket file was deleted or replaced; stopping so the agent can be restarted on a new socket"
+            );
+            lost.store(true, std::sync::atomic::Ordering::Relaxed);
+            return;
+        }
+    }
 }
 
 /// The socket systemd passed, or one bound at the configured path.

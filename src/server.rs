@@ -80,6 +80,7 @@ impl TokenService for Service {
         &self,
         mut request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
+        let _call = self.tracker.call();
         let caller = take_caller(&mut request);
         let request = request.into_inner();
         let identities = self.registry.current();
@@ -135,6 +136,7 @@ impl TokenService for Service {
         &self,
         mut request: Request<ListIdentitiesRequest>,
     ) -> Result<Response<ListIdentitiesResponse>, Status> {
+        let _call = self.tracker.call();
         let caller = take_caller(&mut request);
         let identities = self.registry.current();
         let default_name = identities.resolve("").map(|identity| identity.name.clone());
@@ -200,6 +202,7 @@ impl AgentService for Service {
         &self,
         mut request: Request<GetStatusRequest>,
     ) -> Result<Response<GetStatusResponse>, Status> {
+        let _call = self.tracker.call();
         let caller = take_caller(&mut request);
         let own = rustix::process::geteuid().as_raw();
         if caller.peer.uid != 0 && caller.peer.uid != own {
@@ -246,6 +249,10 @@ impl Service {
                 .open_connections
                 .load(std::sync::atomic::Ordering::Relaxed) as u32,
             key_protection: Some(key_protection(Protection::current())),
+            calls_in_progress: self
+                .tracker
+                .calls_in_progress
+                .load(std::sync::atomic::Ordering::Relaxed) as u32,
         }
     }
 }

@@ -85,14 +85,19 @@ impl BoundSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Whether the path still holds the socket we bound (not deleted, not
+    /// replaced by another file).
+    pub fn is_intact(&self) -> bool {
+        fs::symlink_metadata(&self.path)
+            .map(|metadata| (metadata.dev(), metadata.ino()) == self.identity)
+            .unwrap_or(false)
+    }
 }
 
 impl Drop for BoundSocket {
     fn drop(&mut self) {
-        let ours = fs::symlink_metadata(&self.path)
-            .map(|metadata| (metadata.dev(), metadata.ino()) == self.identity)
-            .unwrap_or(false);
-        if !ours {
+        if !self.is_intact() {
             return;
         }
         if let Err(error) = fs::remove_file(&self.path) {

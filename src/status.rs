@@ -4,9 +4,21 @@
 
 use std::{
     path::PathBuf,
-    sync::{Arc, Mutex, atomic::AtomicUsize},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::SystemTime,
 };
+
+/// A call in progress; see [`Tracker::call`].
+pub struct CallGuard<'a>(&'a AtomicUsize);
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// The outcome of one SIGHUP reload.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +35,8 @@ pub struct Tracker {
     pub socket: PathBuf,
     /// Open client connections; the accept loop counts them.
     pub open_connections: Arc<AtomicUsize>,
+    /// Calls being answered; each handler holds a [`CallGuard`].
+    pub calls_in_progress: AtomicUsize,
     last_reload: Mutex<Option<Reload>>,
 }
 
@@ -32,8 +46,16 @@ impl Tracker {
             started_at: SystemTime::now(),
             socket,
             open_connections: Arc::new(AtomicUsize::new(0)),
+            calls_in_progress: AtomicUsize::new(0),
             last_reload: Mutex::new(None),
         }
+    }
+
+    /// Counts a call until the guard drops: when the handler returns, or
+    /// when tonic drops it because the client reset the stream.
+    pub fn call(&self) -> CallGuard<'_> {
+        self.calls_in_progress.fetch_add(1, Ordering::Relaxed);
+        CallGuard(&self.calls_in_progress)
     }
 
     pub fn record_reload(&self, reload: Reload) {

@@ -335,8 +335,10 @@ type GetStatusResponse struct {
 	OpenConnections uint32 `protobuf:"varint,7,opt,name=open_connections,json=openConnections,proto3" json:"open_connections,omitempty"`
 	// How the private keys are protected in the agent's memory.
 	KeyProtection *KeyProtection `protobuf:"bytes,8,opt,name=key_protection,json=keyProtection,proto3" json:"key_protection,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Calls being answered right now, this GetStatus included.
+	CallsInProgress uint32 `protobuf:"varint,9,opt,name=calls_in_progress,json=callsInProgress,proto3" json:"calls_in_progress,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -423,6 +425,13 @@ func (x *GetStatusResponse) GetKeyProtection() *KeyProtection {
 		return x.KeyProtection
 	}
 	return nil
+}
+
+func (x *GetStatusResponse) GetCallsInProgress() uint32 {
+	if x != nil {
+		return x.CallsInProgress
+	}
+	return 0
 }
 
 type IdentityStatus struct {
@@ -756,7 +765,7 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x1a\n" +
 	"\bidentity\x18\x06 \x01(\tR\bidentity\x12\x15\n" +
 	"\x06key_id\x18\a \x01(\tR\x05keyId\"\x12\n" +
-	"\x10GetStatusRequest\"\xbb\x03\n" +
+	"\x10GetStatusRequest\"\xe7\x03\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -769,7 +778,8 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\vlast_reload\x18\x06 \x01(\v2\x1d.skykit.agent.v1.ReloadStatusR\n" +
 	"lastReload\x12)\n" +
 	"\x10open_connections\x18\a \x01(\rR\x0fopenConnections\x12E\n" +
-	"\x0ekey_protection\x18\b \x01(\v2\x1e.skykit.agent.v1.KeyProtectionR\rkeyProtection\"\xb3\x01\n" +
+	"\x0ekey_protection\x18\b \x01(\v2\x1e.skykit.agent.v1.KeyProtectionR\rkeyProtection\x12*\n" +
+	"\x11calls_in_progress\x18\t \x01(\rR\x0fcallsInProgress\"\xb3\x01\n" +
 	"\x0eIdentityStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06issuer\x18\x02 \x01(\tR\x06issuer\x12\x15\n" +

@@ -53,7 +53,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection")
+    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection", "calls_in_progress")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class GetStatusResponse(_message.Message):
     LAST_RELOAD_FIELD_NUMBER: _ClassVar[int]
     OPEN_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     KEY_PROTECTION_FIELD_NUMBER: _ClassVar[int]
+    CALLS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_at: _timestamp_pb2.Timestamp
     socket: str
@@ -70,7 +71,8 @@ class GetStatusResponse(_message.Message):
     last_reload: ReloadStatus
     open_connections: int
     key_protection: KeyProtection
-    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ...) -> None: ...
+    calls_in_progress: int
+    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ..., calls_in_progress: _Optional[int] = ...) -> None: ...
 
 class IdentityStatus(_message.Message):
     __slots__ = ("name", "issuer", "key_id", "default_lifetime", "default")
