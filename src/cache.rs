@@ -153,6 +153,8 @@ struct Shared<S, C> {
     /// Bumped by [`Cache::forget`]: a signature that started before it
     /// may use a replaced key, so its token is not stored.
     generation: std::sync::atomic::AtomicU64,
+    /// Refresher tasks of watched entries.
+    refreshers: std::sync::atomic::AtomicUsize,
 }
 
 type Outcome = Result<Fresh, SignFailure>;
@@ -168,6 +170,26 @@ struct Entry {
     /// The signature in flight for this entry, shared by everyone waiting.
     signing: Option<watch::Receiver<Option<Outcome>>>,
     last_used: Instant,
+    /// Where each newly stored token is published while anyone watches;
+    /// a refresher task re-signs the entry at `refresh_after` meanwhile.
+    watchers: Option<Arc<watch::Sender<Option<Issued>>>>,
+}
+
+impl Entry {
+    fn new(now: Instant) -> Self {
+        Entry {
+            current: None,
+            signing: None,
+            last_used: now,
+            watchers: None,
+        }
+    }
+
+    fn is_watched(&self) -> bool {
+        self.watchers
+            .as_ref()
+            .is_some_and(|watchers| watchers.receiver_count() > 0)
+    }
 }
 
 struct Cached {
@@ -211,6 +233,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 clock,
                 entries: Mutex::new(HashMap::new()),
                 generation: std::sync::atomic::AtomicU64::new(0),
+                refreshers: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
     }
@@ -242,11 +265,9 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             if !entries.contains_key(key) {
                 self.make_room(&mut entries, &key.identity, now.1);
             }
-            let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
-                current: None,
-                signing: None,
-                last_used: now.1,
-            });
+            let entry = entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(now.1));
             entry.last_used = now.1;
             if let Some(cached) = entry
                 .current
@@ -310,7 +331,130 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         self.shared
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        entries.retain(|key, _| &*key.identity != identity);
+        entries.retain(|key, entry| &*key.identity != identity || entry.is_watched());
+        // Watchers get a token from the new key (or issuer) right away.
+        for (key, entry) in entries.iter_mut() {
+            if &*key.identity == identity {
+                entry.current = None;
+                entry.signing = Some(self.start_signing(key.clone(), Peer::UNKNOWN));
+            }
+        }
+    }
+
+    /// Subscribes to every token stored for `key` from now on. While any
+    /// subscriber is left, a background task re-signs the entry at its
+    /// `refresh_after` (entries without subscribers stay request-driven).
+    /// The current token is not sent: get it with [`Cache::get`] after
+    /// subscribing, so none is missed in between.
+    pub fn subscribe(&self, key: &Key, caller: Peer) -> watch::Receiver<Option<Issued>> {
+        let now = self.shared.clock.mono();
+        let mut entries = self.shared.lock();
+        if !entries.contains_key(key) {
+            self.make_room(&mut entries, &key.identity, now);
+        }
+        let entry = entries
+            .entry(key.clone())
+            .or_insert_with(|| Entry::new(now));
+        entry.last_used = now;
+        if let Some(watchers) = entry.watchers.as_ref().filter(|w| !w.is_closed()) {
+            return watchers.subscribe();
+        }
+        let (sender, receiver) = watch::channel(None);
+        let sender = Arc::new(sender);
+        entry.watchers = Some(sender.clone());
+        let cache = self.clone();
+        let key = key.clone();
+        self.shared
+            .refreshers
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tokio::spawn(async move {
+            cache.refresh_while_watched(&key, caller, &sender).await;
+            cache
+                .shared
+                .refreshers
+                .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        });
+        receiver
+    }
+
+    /// Subscribers across all entries.
+    pub fn watchers(&self) -> usize {
+        self.shared
+            .lock()
+            .values()
+            .filter_map(|entry| entry.watchers.as_ref())
+            .map(|watchers| watchers.receiver_count())
+            .sum()
+    }
+
+    /// Background refresher tasks running (one per watched entry).
+    pub fn refreshers(&self) -> usize {
+        self.shared
+            .refreshers
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Re-signs `key` at each `refresh_after` until its last subscriber
+    /// leaves; then the entry goes back to being request-driven.
+    async fn refresh_while_watched(
+        &self,
+        key: &Key,
+        caller: Peer,
+        watchers: &watch::Sender<Option<Issued>>,
+    ) {
+        loop {
+            let delay = self.until_refresh(key);
+            tokio::select! {
+                () = watchers.closed() => break,
+                () = tokio::time::sleep(delay) => {}
+            }
+            if self.until_refresh(key).is_zero() {
+                self.refresh_now(key, caller).await;
+            }
+        }
+        let mut entries = self.shared.lock();
+        if let Some(entry) = entries.get_mut(key) {
+            let ours = entry
+                .watchers
+                .as_ref()
+                .is_some_and(|current| std::ptr::eq(current.as_ref(), watchers));
+            if ours {
+                entry.watchers = None;
+            }
+        }
+    }
+
+    /// How long until `key` is due for a refresh; while it has no token, a
+    /// short poll (its first token is on its way, or signing failed and is
+    /// retried).
+    fn until_refresh(&self, key: &Key) -> Duration {
+        let now = self.shared.clock.wall();
+        match self
+            .shared
+            .lock()
+            .get(key)
+            .and_then(|entry| entry.current.as_ref())
+        {
+            Some(cached) => cached.refresh_after.saturating_sub(now),
+            None => Duration::from_secs(1),
+        }
+    }
+
+    /// Starts the due re-sign of `key` (or joins one in flight) and waits
+    /// for it; failures are logged and rescheduled by `finish`.
+    async fn refresh_now(&self, key: &Key, caller: Peer) {
+        let mut receiver = {
+            let now = self.shared.clock.mono();
+            let mut entries = self.shared.lock();
+            let entry = entries
+                .entry(key.clone())
+                .or_insert_with(|| Entry::new(now));
+            entry
+                .signing
+                .get_or_insert_with(|| self.start_signing(key.clone(), caller))
+                .clone()
+        };
+        let _ = receiver.wait_for(Option::is_some).await;
     }
 
     /// The entries holding a token, sorted by identity and lifetime.
@@ -354,7 +498,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         if count >= MAX_ENTRIES_PER_IDENTITY {
             let oldest = entries
                 .iter()
-                .filter(|(key, _)| key.identity == *identity)
+                .filter(|(key, entry)| key.identity == *identity && !entry.is_watched())
                 .min_by_key(|(_, entry)| entry.last_used)
                 .map(|(key, _)| key.clone());
             if let Some(oldest) = oldest {
@@ -426,11 +570,9 @@ impl<S, C: Clock> Shared<S, C> {
                 token: Arc::new(token),
             });
         }
-        let entry = entries.entry(key.clone()).or_insert_with(|| Entry {
-            current: None,
-            signing: None,
-            last_used: now_mono,
-        });
+        let entry = entries
+            .entry(key.clone())
+            .or_insert_with(|| Entry::new(now_mono));
         entry.signing = None;
         match result {
             Ok(token) => {
@@ -451,6 +593,13 @@ impl<S, C: Clock> Shared<S, C> {
                     mono_issued_at,
                     refresh_after,
                 });
+                if let Some(watchers) = &entry.watchers {
+                    watchers.send_replace(Some(Issued {
+                        token: token.clone(),
+                        refresh_after,
+                        fresh: true,
+                    }));
+                }
                 Ok(Fresh {
                     token,
                     refresh_after,
@@ -487,6 +636,7 @@ impl<S, C: Clock> Shared<S, C> {
 
 fn is_stale(key: &Key, entry: &Entry, now: Instant) -> bool {
     entry.signing.is_none()
+        && !entry.is_watched()
         && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
 }
 

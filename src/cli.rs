@@ -430,6 +430,10 @@ fn format_status(report: &GetStatusResponse, serving: bool) -> String {
     lines.push(format!("open connections: {}", report.open_connections));
     lines.push(format!("calls in progress: {}", report.calls_in_progress));
     lines.push(format!(
+        "watchers: {} (refresher tasks: {})",
+        report.watchers, report.refreshers
+    ));
+    lines.push(format!(
         "key protection: {}",
         report
             .key_protection

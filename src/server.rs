@@ -18,12 +18,12 @@ use crate::{
     proto::{
         CacheEntryStatus, FILE_DESCRIPTOR_SET, GetStatusRequest, GetStatusResponse,
         GetTokenRequest, GetTokenResponse, IdentityStatus, KeyProtection, ListIdentitiesRequest,
-        ListIdentitiesResponse, ReloadStatus,
+        ListIdentitiesResponse, ReloadStatus, WatchTokenRequest,
         agent_service_server::{AgentService, AgentServiceServer},
         token_service_server::{TokenService, TokenServiceServer},
     },
     status::Tracker,
-    token::{Lifetime, LimitError},
+    token::{Lifetime, LimitError, Token},
 };
 
 /// How often entries unused for a lifetime are dropped from the cache.
@@ -41,6 +41,8 @@ pub struct Service {
     /// Signatures each uid may force.
     budget: Arc<SignatureBudget>,
     limits: Limits,
+    /// Turns true when shutdown begins, ending every WatchToken stream.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
     /// Benchmarks only: sign for every call, bypassing the cache, to
     /// measure signing throughput. Not a user feature: tokens signed in
     /// the same second are identical anyway.
@@ -58,6 +60,7 @@ impl Service {
                 limits.new_signatures_per_uid_per_minute,
             )),
             limits,
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
             sign_every_call: false,
         }
     }
@@ -84,19 +87,9 @@ impl TokenService for Service {
         let caller = take_caller(&mut request);
         let request = request.into_inner();
         let identities = self.registry.current();
-        let identity = identities.resolve(&request.identity).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown identity {:?}: use a name from the agent's [[identity]] config (see `skykit-agent identities`), or leave it empty for the default",
-                request.identity
-            ))
-        })?;
+        let identity = resolve(&identities, &request.identity)?;
         authorize(identity, &caller)?;
-        let lifetime = match request.lifetime {
-            None => identity.lifetime,
-            Some(lifetime) => {
-                Lifetime::from_secs(whole_seconds("lifetime", &lifetime)?).map_err(invalid)?
-            }
-        };
+        let lifetime = requested_lifetime(identity, request.lifetime)?;
         let min_valid_for = match request.min_valid_for {
             None => Duration::ZERO,
             Some(min_valid_for) => lifetime
@@ -132,6 +125,46 @@ impl TokenService for Service {
         Ok(Response::new(response(&issued, &identity.name)))
     }
 
+    type WatchTokenStream = std::pin::Pin<
+        Box<dyn futures_core::Stream<Item = Result<GetTokenResponse, Status>> + Send + 'static>,
+    >;
+
+    async fn watch_token(
+        &self,
+        mut request: Request<WatchTokenRequest>,
+    ) -> Result<Response<Self::WatchTokenStream>, Status> {
+        let caller = take_caller(&mut request);
+        let request = request.into_inner();
+        let identities = self.registry.current();
+        let identity = resolve(&identities, &request.identity)?;
+        authorize(identity, &caller)?;
+        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let key = cache::Key {
+            identity: identity.name.clone(),
+            lifetime,
+        };
+        // Subscribe first, then read the current token: nothing signed in
+        // between can be missed.
+        let updates = self.cache.subscribe(&key, caller.peer);
+        let first = self
+            .cache
+            .get(&key, Duration::ZERO, caller.peer)
+            .await
+            .map_err(|error| Status::unavailable(error.to_string()))?;
+        tracing::debug!(identity = %identity.name, uid = caller.peer.uid, "watching");
+        let watch = Watch {
+            identity: identity.name.clone(),
+            first: Some(first),
+            last: None,
+            updates,
+            stopping: self.stopping.subscribe(),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            watch,
+            Watch::next,
+        ))))
+    }
+
     async fn list_identities(
         &self,
         mut request: Request<ListIdentitiesRequest>,
@@ -148,6 +181,83 @@ impl TokenService for Service {
         Ok(Response::new(ListIdentitiesResponse {
             identities: visible,
         }))
+    }
+}
+
+/// One WatchToken stream's state.
+struct Watch {
+    identity: Arc<str>,
+    /// The token to send first.
+    first: Option<Issued>,
+    /// The token sent last, so a republished one is not sent twice.
+    last: Option<Arc<Token>>,
+    updates: tokio::sync::watch::Receiver<Option<Issued>>,
+    stopping: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Watch {
+    /// The next message: the first token, each new one, or the closing
+    /// status at shutdown (after which the stream ends).
+    async fn next(mut self) -> Option<(Result<GetTokenResponse, Status>, Watch)> {
+        if let Some(first) = self.first.take() {
+            self.last = Some(first.token.clone());
+            return Some((Ok(response(&first, &self.identity)), self));
+        }
+        if *self.stopping.borrow() {
+            return None;
+        }
+        loop {
+            let stopping = tokio::select! {
+                changed = self.updates.changed() => {
+                    if changed.is_err() {
+                        return None;
+                    }
+                    false
+                }
+                _ = self.stopping.wait_for(|stopping| *stopping) => true,
+            };
+            if stopping {
+                let status =
+                    Status::unavailable("the agent is shutting down: reconnect and watch again");
+                // The next poll sees `stopping` and ends the stream.
+                return Some((Err(status), self));
+            }
+            let Some(issued) = self.updates.borrow_and_update().clone() else {
+                continue;
+            };
+            if self
+                .last
+                .as_ref()
+                .is_some_and(|last| last.jws == issued.token.jws)
+            {
+                continue;
+            }
+            self.last = Some(issued.token.clone());
+            return Some((Ok(response(&issued, &self.identity)), self));
+        }
+    }
+}
+
+fn resolve<'a>(
+    identities: &'a crate::identity::Identities,
+    name: &str,
+) -> Result<&'a Arc<Identity>, Status> {
+    identities.resolve(name).ok_or_else(|| {
+        Status::not_found(format!(
+            "unknown identity {name:?}: use a name from the agent's [[identity]] config (see `skykit-agent identities`), or leave it empty for the default"
+        ))
+    })
+}
+
+fn requested_lifetime(
+    identity: &Identity,
+    lifetime: Option<prost_types::Duration>,
+) -> Result<Lifetime, Status> {
+    match lifetime {
+        None => Ok(identity.lifetime),
+        Some(lifetime) => {
+            Lifetime::from_secs(whole_seconds("lifetime", &lifetime)?).map_err(invalid)
+        }
     }
 }
 
@@ -253,6 +363,8 @@ impl Service {
                 .tracker
                 .calls_in_progress
                 .load(std::sync::atomic::Ordering::Relaxed) as u32,
+            watchers: self.cache.watchers() as u32,
+            refreshers: self.cache.refreshers() as u32,
         }
     }
 }
@@ -372,6 +484,7 @@ pub async fn run(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let (draining, drain_started) = oneshot::channel();
+    let stopping = service.stopping.clone();
     let signal = async move {
         shutdown.await;
         tracing::info!(
@@ -379,6 +492,7 @@ pub async fn run(
             "stopped accepting; draining calls in flight"
         );
         mark_not_serving(&health).await;
+        stopping.send_replace(true);
         let _ = draining.send(());
     };
     let sweeper = tokio::spawn(sweep_periodically(service.cache.clone()));

@@ -482,3 +482,96 @@ async fn a_signature_in_flight_when_its_identity_is_forgotten_is_not_cached() {
     );
     assert_eq!(signer.calls(), 2);
 }
+
+/// The next token published to a subscriber.
+async fn next_published(updates: &mut watch::Receiver<Option<Issued>>) -> Issued {
+    updates.changed().await.expect("the publisher lives");
+    updates.borrow_and_update().clone().expect("a token")
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_entry_is_resigned_by_a_timer_at_refresh_after() {
+    let (cache, signer, clock) = setup();
+    let key = key("default", 1000);
+    let mut updates = cache.subscribe(&key, CALLER);
+    let first = get(&cache, &key).await;
+    let published_first = next_published(&mut updates).await;
+    assert_eq!(published_first.token.jws, first.token.jws);
+    // No request comes; the timer alone re-signs at refresh_after.
+    let next = next_published(&mut updates).await;
+    assert!(next.token.issued_at > first.token.issued_at);
+    let now = clock.wall();
+    assert!(now >= first.refresh_after && now < first.refresh_after + Duration::from_secs(2));
+    assert_eq!(signer.calls(), 2);
+    // And the cache serves the replacement to ordinary callers too.
+    assert_eq!(get(&cache, &key).await.token.jws, next.token.jws);
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_watchers_share_one_signature_per_refresh() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 600);
+    let mut watchers: Vec<_> = (0..5).map(|_| cache.subscribe(&key, CALLER)).collect();
+    get(&cache, &key).await;
+    for updates in &mut watchers {
+        next_published(updates).await;
+    }
+    let mut seen = Vec::new();
+    for updates in &mut watchers {
+        seen.push(next_published(updates).await.token.jws.clone());
+    }
+    assert!(seen.iter().all(|jws| *jws == seen[0]));
+    assert_eq!(
+        signer.calls(),
+        2,
+        "one signature at start, one at the refresh"
+    );
+    assert_eq!(cache.watchers(), 5);
+    assert_eq!(cache.refreshers(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forgetting_a_watched_identity_pushes_a_new_token_at_once() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 3600);
+    let mut updates = cache.subscribe(&key, CALLER);
+    let first = get(&cache, &key).await;
+    next_published(&mut updates).await;
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cache.forget("default");
+    let pushed = next_published(&mut updates).await;
+    assert_ne!(pushed.token.jws, first.token.jws);
+    assert_eq!(signer.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_the_last_watcher_leaves_its_refresher_stops_and_the_entry_can_go() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 60);
+    let updates = cache.subscribe(&key, CALLER);
+    get(&cache, &key).await;
+    assert_eq!(cache.refreshers(), 1);
+    drop(updates);
+    settle().await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    assert_eq!(cache.refreshers(), 0);
+    assert_eq!(cache.watchers(), 0);
+    // Request-driven again: no timer signs it, and it is evicted when unused.
+    tokio::time::advance(Duration::from_secs(61)).await;
+    settle().await;
+    assert_eq!(signer.calls(), 1);
+    cache.sweep();
+    assert!(cache.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_entry_is_never_evicted() {
+    let (cache, _, _) = setup();
+    let key = key("default", 60);
+    let mut updates = cache.subscribe(&key, CALLER);
+    get(&cache, &key).await;
+    next_published(&mut updates).await;
+    tokio::time::advance(Duration::from_secs(200)).await;
+    cache.sweep();
+    assert_eq!(cache.len(), 1);
+}

@@ -30,6 +30,60 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type WatchTokenRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// As in GetTokenRequest: empty for the default identity.
+	Identity string `protobuf:"bytes,1,opt,name=identity,proto3" json:"identity,omitempty"`
+	// As in GetTokenRequest: unset for the identity's default lifetime.
+	Lifetime      *durationpb.Duration `protobuf:"bytes,2,opt,name=lifetime,proto3" json:"lifetime,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *WatchTokenRequest) Reset() {
+	*x = WatchTokenRequest{}
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *WatchTokenRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*WatchTokenRequest) ProtoMessage() {}
+
+func (x *WatchTokenRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use WatchTokenRequest.ProtoReflect.Descriptor instead.
+func (*WatchTokenRequest) Descriptor() ([]byte, []int) {
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *WatchTokenRequest) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *WatchTokenRequest) GetLifetime() *durationpb.Duration {
+	if x != nil {
+		return x.Lifetime
+	}
+	return nil
+}
+
 type ListIdentitiesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -38,7 +92,7 @@ type ListIdentitiesRequest struct {
 
 func (x *ListIdentitiesRequest) Reset() {
 	*x = ListIdentitiesRequest{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -50,7 +104,7 @@ func (x *ListIdentitiesRequest) String() string {
 func (*ListIdentitiesRequest) ProtoMessage() {}
 
 func (x *ListIdentitiesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -63,7 +117,7 @@ func (x *ListIdentitiesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListIdentitiesRequest.ProtoReflect.Descriptor instead.
 func (*ListIdentitiesRequest) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{1}
 }
 
 type ListIdentitiesResponse struct {
@@ -76,7 +130,7 @@ type ListIdentitiesResponse struct {
 
 func (x *ListIdentitiesResponse) Reset() {
 	*x = ListIdentitiesResponse{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -88,7 +142,7 @@ func (x *ListIdentitiesResponse) String() string {
 func (*ListIdentitiesResponse) ProtoMessage() {}
 
 func (x *ListIdentitiesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -101,7 +155,7 @@ func (x *ListIdentitiesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListIdentitiesResponse.ProtoReflect.Descriptor instead.
 func (*ListIdentitiesResponse) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ListIdentitiesResponse) GetIdentities() []*IdentityStatus {
@@ -129,7 +183,7 @@ type GetTokenRequest struct {
 
 func (x *GetTokenRequest) Reset() {
 	*x = GetTokenRequest{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -141,7 +195,7 @@ func (x *GetTokenRequest) String() string {
 func (*GetTokenRequest) ProtoMessage() {}
 
 func (x *GetTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -154,7 +208,7 @@ func (x *GetTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTokenRequest.ProtoReflect.Descriptor instead.
 func (*GetTokenRequest) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *GetTokenRequest) GetIdentity() string {
@@ -204,7 +258,7 @@ type GetTokenResponse struct {
 
 func (x *GetTokenResponse) Reset() {
 	*x = GetTokenResponse{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -216,7 +270,7 @@ func (x *GetTokenResponse) String() string {
 func (*GetTokenResponse) ProtoMessage() {}
 
 func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -229,7 +283,7 @@ func (x *GetTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetTokenResponse.ProtoReflect.Descriptor instead.
 func (*GetTokenResponse) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *GetTokenResponse) GetToken() string {
@@ -289,7 +343,7 @@ type GetStatusRequest struct {
 
 func (x *GetStatusRequest) Reset() {
 	*x = GetStatusRequest{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -301,7 +355,7 @@ func (x *GetStatusRequest) String() string {
 func (*GetStatusRequest) ProtoMessage() {}
 
 func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -314,7 +368,7 @@ func (x *GetStatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusRequest.ProtoReflect.Descriptor instead.
 func (*GetStatusRequest) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 type GetStatusResponse struct {
@@ -337,13 +391,18 @@ type GetStatusResponse struct {
 	KeyProtection *KeyProtection `protobuf:"bytes,8,opt,name=key_protection,json=keyProtection,proto3" json:"key_protection,omitempty"`
 	// Calls being answered right now, this GetStatus included.
 	CallsInProgress uint32 `protobuf:"varint,9,opt,name=calls_in_progress,json=callsInProgress,proto3" json:"calls_in_progress,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// WatchToken streams open right now.
+	Watchers uint32 `protobuf:"varint,10,opt,name=watchers,proto3" json:"watchers,omitempty"`
+	// Background tasks re-signing watched cache entries (one per entry that
+	// has watchers or sinks).
+	Refreshers    uint32 `protobuf:"varint,11,opt,name=refreshers,proto3" json:"refreshers,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
 	*x = GetStatusResponse{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -355,7 +414,7 @@ func (x *GetStatusResponse) String() string {
 func (*GetStatusResponse) ProtoMessage() {}
 
 func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -368,7 +427,7 @@ func (x *GetStatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetStatusResponse.ProtoReflect.Descriptor instead.
 func (*GetStatusResponse) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *GetStatusResponse) GetVersion() string {
@@ -434,6 +493,20 @@ func (x *GetStatusResponse) GetCallsInProgress() uint32 {
 	return 0
 }
 
+func (x *GetStatusResponse) GetWatchers() uint32 {
+	if x != nil {
+		return x.Watchers
+	}
+	return 0
+}
+
+func (x *GetStatusResponse) GetRefreshers() uint32 {
+	if x != nil {
+		return x.Refreshers
+	}
+	return 0
+}
+
 type IdentityStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The identity's name from `[[identity]] name`.
@@ -452,7 +525,7 @@ type IdentityStatus struct {
 
 func (x *IdentityStatus) Reset() {
 	*x = IdentityStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -464,7 +537,7 @@ func (x *IdentityStatus) String() string {
 func (*IdentityStatus) ProtoMessage() {}
 
 func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -477,7 +550,7 @@ func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityStatus.ProtoReflect.Descriptor instead.
 func (*IdentityStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *IdentityStatus) GetName() string {
@@ -533,7 +606,7 @@ type CacheEntryStatus struct {
 
 func (x *CacheEntryStatus) Reset() {
 	*x = CacheEntryStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -545,7 +618,7 @@ func (x *CacheEntryStatus) String() string {
 func (*CacheEntryStatus) ProtoMessage() {}
 
 func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -558,7 +631,7 @@ func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheEntryStatus.ProtoReflect.Descriptor instead.
 func (*CacheEntryStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *CacheEntryStatus) GetIdentity() string {
@@ -610,7 +683,7 @@ type ReloadStatus struct {
 
 func (x *ReloadStatus) Reset() {
 	*x = ReloadStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -622,7 +695,7 @@ func (x *ReloadStatus) String() string {
 func (*ReloadStatus) ProtoMessage() {}
 
 func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -635,7 +708,7 @@ func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadStatus.ProtoReflect.Descriptor instead.
 func (*ReloadStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReloadStatus) GetFinishedAt() *timestamppb.Timestamp {
@@ -679,7 +752,7 @@ type KeyProtection struct {
 
 func (x *KeyProtection) Reset() {
 	*x = KeyProtection{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -691,7 +764,7 @@ func (x *KeyProtection) String() string {
 func (*KeyProtection) ProtoMessage() {}
 
 func (x *KeyProtection) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -704,7 +777,7 @@ func (x *KeyProtection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyProtection.ProtoReflect.Descriptor instead.
 func (*KeyProtection) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *KeyProtection) GetState() string {
@@ -746,7 +819,10 @@ var File_skykit_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n" +
+	"\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n" +
+	"\x11WatchTokenRequest\x12\x1a\n" +
+	"\bidentity\x18\x01 \x01(\tR\bidentity\x125\n" +
+	"\blifetime\x18\x02 \x01(\v2\x19.google.protobuf.DurationR\blifetime\"\x17\n" +
 	"\x15ListIdentitiesRequest\"Y\n" +
 	"\x16ListIdentitiesResponse\x12?\n" +
 	"\n" +
@@ -765,7 +841,7 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x1a\n" +
 	"\bidentity\x18\x06 \x01(\tR\bidentity\x12\x15\n" +
 	"\x06key_id\x18\a \x01(\tR\x05keyId\"\x12\n" +
-	"\x10GetStatusRequest\"\xe7\x03\n" +
+	"\x10GetStatusRequest\"\xa3\x04\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -779,7 +855,12 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"lastReload\x12)\n" +
 	"\x10open_connections\x18\a \x01(\rR\x0fopenConnections\x12E\n" +
 	"\x0ekey_protection\x18\b \x01(\v2\x1e.skykit.agent.v1.KeyProtectionR\rkeyProtection\x12*\n" +
-	"\x11calls_in_progress\x18\t \x01(\rR\x0fcallsInProgress\"\xb3\x01\n" +
+	"\x11calls_in_progress\x18\t \x01(\rR\x0fcallsInProgress\x12\x1a\n" +
+	"\bwatchers\x18\n" +
+	" \x01(\rR\bwatchers\x12\x1e\n" +
+	"\n" +
+	"refreshers\x18\v \x01(\rR\n" +
+	"refreshers\"\xb3\x01\n" +
 	"\x0eIdentityStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06issuer\x18\x02 \x01(\tR\x06issuer\x12\x15\n" +
@@ -803,10 +884,12 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\fnon_dumpable\x18\x02 \x01(\bR\vnonDumpable\x12&\n" +
 	"\x0fcore_limit_zero\x18\x03 \x01(\bR\rcoreLimitZero\x12!\n" +
 	"\flocked_bytes\x18\x04 \x01(\x04R\vlockedBytes\x12#\n" +
-	"\rlock_failures\x18\x05 \x01(\rR\flockFailures2\xc2\x01\n" +
+	"\rlock_failures\x18\x05 \x01(\rR\flockFailures2\x99\x02\n" +
 	"\fTokenService\x12O\n" +
 	"\bGetToken\x12 .skykit.agent.v1.GetTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse\x12a\n" +
-	"\x0eListIdentities\x12&.skykit.agent.v1.ListIdentitiesRequest\x1a'.skykit.agent.v1.ListIdentitiesResponse2b\n" +
+	"\x0eListIdentities\x12&.skykit.agent.v1.ListIdentitiesRequest\x1a'.skykit.agent.v1.ListIdentitiesResponse\x12U\n" +
+	"\n" +
+	"WatchToken\x12\".skykit.agent.v1.WatchTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse0\x012b\n" +
 	"\fAgentService\x12R\n" +
 	"\tGetStatus\x12!.skykit.agent.v1.GetStatusRequest\x1a\".skykit.agent.v1.GetStatusResponseBGZEgithub.com/skykit/skykit-agent/clients/go/skykitagentv1;skykitagentv1b\x06proto3"
 
@@ -822,50 +905,54 @@ func file_skykit_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_skykit_agent_v1_agent_proto_rawDescData
 }
 
-var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 10)
+var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
 var file_skykit_agent_v1_agent_proto_goTypes = []any{
-	(*ListIdentitiesRequest)(nil),  // 0: skykit.agent.v1.ListIdentitiesRequest
-	(*ListIdentitiesResponse)(nil), // 1: skykit.agent.v1.ListIdentitiesResponse
-	(*GetTokenRequest)(nil),        // 2: skykit.agent.v1.GetTokenRequest
-	(*GetTokenResponse)(nil),       // 3: skykit.agent.v1.GetTokenResponse
-	(*GetStatusRequest)(nil),       // 4: skykit.agent.v1.GetStatusRequest
-	(*GetStatusResponse)(nil),      // 5: skykit.agent.v1.GetStatusResponse
-	(*IdentityStatus)(nil),         // 6: skykit.agent.v1.IdentityStatus
-	(*CacheEntryStatus)(nil),       // 7: skykit.agent.v1.CacheEntryStatus
-	(*ReloadStatus)(nil),           // 8: skykit.agent.v1.ReloadStatus
-	(*KeyProtection)(nil),          // 9: skykit.agent.v1.KeyProtection
-	(*durationpb.Duration)(nil),    // 10: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 11: google.protobuf.Timestamp
+	(*WatchTokenRequest)(nil),      // 0: skykit.agent.v1.WatchTokenRequest
+	(*ListIdentitiesRequest)(nil),  // 1: skykit.agent.v1.ListIdentitiesRequest
+	(*ListIdentitiesResponse)(nil), // 2: skykit.agent.v1.ListIdentitiesResponse
+	(*GetTokenRequest)(nil),        // 3: skykit.agent.v1.GetTokenRequest
+	(*GetTokenResponse)(nil),       // 4: skykit.agent.v1.GetTokenResponse
+	(*GetStatusRequest)(nil),       // 5: skykit.agent.v1.GetStatusRequest
+	(*GetStatusResponse)(nil),      // 6: skykit.agent.v1.GetStatusResponse
+	(*IdentityStatus)(nil),         // 7: skykit.agent.v1.IdentityStatus
+	(*CacheEntryStatus)(nil),       // 8: skykit.agent.v1.CacheEntryStatus
+	(*ReloadStatus)(nil),           // 9: skykit.agent.v1.ReloadStatus
+	(*KeyProtection)(nil),          // 10: skykit.agent.v1.KeyProtection
+	(*durationpb.Duration)(nil),    // 11: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 12: google.protobuf.Timestamp
 }
 var file_skykit_agent_v1_agent_proto_depIdxs = []int32{
-	6,  // 0: skykit.agent.v1.ListIdentitiesResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
-	10, // 1: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
-	10, // 2: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	11, // 3: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
-	11, // 4: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	11, // 5: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
-	11, // 6: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
-	6,  // 7: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
-	7,  // 8: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
-	8,  // 9: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
-	9,  // 10: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
-	10, // 11: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
-	10, // 12: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
-	11, // 13: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
-	11, // 14: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
-	11, // 15: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
-	11, // 16: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
-	2,  // 17: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
-	0,  // 18: skykit.agent.v1.TokenService.ListIdentities:input_type -> skykit.agent.v1.ListIdentitiesRequest
-	4,  // 19: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
-	3,  // 20: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
-	1,  // 21: skykit.agent.v1.TokenService.ListIdentities:output_type -> skykit.agent.v1.ListIdentitiesResponse
-	5,  // 22: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
-	20, // [20:23] is the sub-list for method output_type
-	17, // [17:20] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	11, // 0: skykit.agent.v1.WatchTokenRequest.lifetime:type_name -> google.protobuf.Duration
+	7,  // 1: skykit.agent.v1.ListIdentitiesResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	11, // 2: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
+	11, // 3: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	12, // 4: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
+	12, // 5: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	12, // 6: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
+	12, // 7: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
+	7,  // 8: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	8,  // 9: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
+	9,  // 10: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
+	10, // 11: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
+	11, // 12: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
+	11, // 13: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
+	12, // 14: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
+	12, // 15: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
+	12, // 16: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
+	12, // 17: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
+	3,  // 18: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
+	1,  // 19: skykit.agent.v1.TokenService.ListIdentities:input_type -> skykit.agent.v1.ListIdentitiesRequest
+	0,  // 20: skykit.agent.v1.TokenService.WatchToken:input_type -> skykit.agent.v1.WatchTokenRequest
+	5,  // 21: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
+	4,  // 22: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
+	2,  // 23: skykit.agent.v1.TokenService.ListIdentities:output_type -> skykit.agent.v1.ListIdentitiesResponse
+	4,  // 24: skykit.agent.v1.TokenService.WatchToken:output_type -> skykit.agent.v1.GetTokenResponse
+	6,  // 25: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
+	22, // [22:26] is the sub-list for method output_type
+	18, // [18:22] is the sub-list for method input_type
+	18, // [18:18] is the sub-list for extension type_name
+	18, // [18:18] is the sub-list for extension extendee
+	0,  // [0:18] is the sub-list for field type_name
 }
 
 func init() { file_skykit_agent_v1_agent_proto_init() }
@@ -879,7 +966,7 @@ func file_skykit_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_skykit_agent_v1_agent_proto_rawDesc), len(file_skykit_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   10,
+			NumMessages:   11,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

@@ -28,6 +28,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	TokenService_GetToken_FullMethodName       = "/skykit.agent.v1.TokenService/GetToken"
 	TokenService_ListIdentities_FullMethodName = "/skykit.agent.v1.TokenService/ListIdentities"
+	TokenService_WatchToken_FullMethodName     = "/skykit.agent.v1.TokenService/WatchToken"
 )
 
 // TokenServiceClient is the client API for TokenService service.
@@ -49,6 +50,13 @@ type TokenServiceClient interface {
 	// caller's uid, gid or groups), with issuer, key_id and default lifetime.
 	// Never returns key material.
 	ListIdentities(ctx context.Context, in *ListIdentitiesRequest, opts ...grpc.CallOption) (*ListIdentitiesResponse, error)
+	// Streams tokens for the identity: the current one at once, then each
+	// replacement as soon as the agent signs it at the refresh point (and at
+	// once after a key rotation). One signature serves every watcher and
+	// caller of the same identity and lifetime. The same policy applies as
+	// for GetToken. The stream ends with UNAVAILABLE when the agent shuts
+	// down: reconnect and watch again.
+	WatchToken(ctx context.Context, in *WatchTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetTokenResponse], error)
 }
 
 type tokenServiceClient struct {
@@ -79,6 +87,25 @@ func (c *tokenServiceClient) ListIdentities(ctx context.Context, in *ListIdentit
 	return out, nil
 }
 
+func (c *tokenServiceClient) WatchToken(ctx context.Context, in *WatchTokenRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[GetTokenResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &TokenService_ServiceDesc.Streams[0], TokenService_WatchToken_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[WatchTokenRequest, GetTokenResponse]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokenClient = grpc.ServerStreamingClient[GetTokenResponse]
+
 // TokenServiceServer is the server API for TokenService service.
 // All implementations must embed UnimplementedTokenServiceServer
 // for forward compatibility.
@@ -98,6 +125,13 @@ type TokenServiceServer interface {
 	// caller's uid, gid or groups), with issuer, key_id and default lifetime.
 	// Never returns key material.
 	ListIdentities(context.Context, *ListIdentitiesRequest) (*ListIdentitiesResponse, error)
+	// Streams tokens for the identity: the current one at once, then each
+	// replacement as soon as the agent signs it at the refresh point (and at
+	// once after a key rotation). One signature serves every watcher and
+	// caller of the same identity and lifetime. The same policy applies as
+	// for GetToken. The stream ends with UNAVAILABLE when the agent shuts
+	// down: reconnect and watch again.
+	WatchToken(*WatchTokenRequest, grpc.ServerStreamingServer[GetTokenResponse]) error
 	mustEmbedUnimplementedTokenServiceServer()
 }
 
@@ -113,6 +147,9 @@ func (UnimplementedTokenServiceServer) GetToken(context.Context, *GetTokenReques
 }
 func (UnimplementedTokenServiceServer) ListIdentities(context.Context, *ListIdentitiesRequest) (*ListIdentitiesResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListIdentities not implemented")
+}
+func (UnimplementedTokenServiceServer) WatchToken(*WatchTokenRequest, grpc.ServerStreamingServer[GetTokenResponse]) error {
+	return status.Error(codes.Unimplemented, "method WatchToken not implemented")
 }
 func (UnimplementedTokenServiceServer) mustEmbedUnimplementedTokenServiceServer() {}
 func (UnimplementedTokenServiceServer) testEmbeddedByValue()                      {}
@@ -171,6 +208,17 @@ func _TokenService_ListIdentities_Handler(srv interface{}, ctx context.Context, 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _TokenService_WatchToken_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(WatchTokenRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(TokenServiceServer).WatchToken(m, &grpc.GenericServerStream[WatchTokenRequest, GetTokenResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type TokenService_WatchTokenServer = grpc.ServerStreamingServer[GetTokenResponse]
+
 // TokenService_ServiceDesc is the grpc.ServiceDesc for TokenService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -187,7 +235,13 @@ var TokenService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _TokenService_ListIdentities_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "WatchToken",
+			Handler:       _TokenService_WatchToken_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "skykit/agent/v1/agent.proto",
 }
 

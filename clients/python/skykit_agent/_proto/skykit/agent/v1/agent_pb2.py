@@ -26,7 +26,7 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\x17\n\x15ListIdentitiesRequest\"M\n\x16ListIdentitiesResponse\x12\x33\n\nidentities\x18\x01 \x03(\x0b\x32\x1f.skykit.agent.v1.IdentityStatus\"\x82\x01\n\x0fGetTokenRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12+\n\x08lifetime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rmin_valid_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe5\x01\n\x10GetTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12-\n\tissued_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrefresh_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\"\x12\n\x10GetStatusRequest\"\xf4\x02\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06socket\x18\x03 \x01(\t\x12\x33\n\nidentities\x18\x04 \x03(\x0b\x32\x1f.skykit.agent.v1.IdentityStatus\x12\x38\n\rcache_entries\x18\x05 \x03(\x0b\x32!.skykit.agent.v1.CacheEntryStatus\x12\x32\n\x0blast_reload\x18\x06 \x01(\x0b\x32\x1d.skykit.agent.v1.ReloadStatus\x12\x18\n\x10open_connections\x18\x07 \x01(\r\x12\x36\n\x0ekey_protection\x18\x08 \x01(\x0b\x32\x1e.skykit.agent.v1.KeyProtection\x12\x19\n\x11\x63\x61lls_in_progress\x18\t \x01(\r\"\x84\x01\n\x0eIdentityStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x33\n\x10\x64\x65\x66\x61ult_lifetime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"\xe3\x01\n\x10\x43\x61\x63heEntryStatus\x12\x10\n\x08identity\x18\x01 \x01(\t\x12+\n\x08lifetime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrefresh_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x0cReloadStatus\x12/\n\x0b\x66inished_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"z\n\rKeyProtection\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0cnon_dumpable\x18\x02 \x01(\x08\x12\x17\n\x0f\x63ore_limit_zero\x18\x03 \x01(\x08\x12\x14\n\x0clocked_bytes\x18\x04 \x01(\x04\x12\x15\n\rlock_failures\x18\x05 \x01(\r2\xc2\x01\n\x0cTokenService\x12O\n\x08GetToken\x12 .skykit.agent.v1.GetTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse\x12\x61\n\x0eListIdentities\x12&.skykit.agent.v1.ListIdentitiesRequest\x1a\'.skykit.agent.v1.ListIdentitiesResponse2b\n\x0c\x41gentService\x12R\n\tGetStatus\x12!.skykit.agent.v1.GetStatusRequest\x1a\".skykit.agent.v1.GetStatusResponseBGZEgithub.com/skykit/skykit-agent/clients/go/skykitagentv1;skykitagentv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bskykit/agent/v1/agent.proto\x12\x0fskykit.agent.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"R\n\x11WatchTokenRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12+\n\x08lifetime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x17\n\x15ListIdentitiesRequest\"M\n\x16ListIdentitiesResponse\x12\x33\n\nidentities\x18\x01 \x03(\x0b\x32\x1f.skykit.agent.v1.IdentityStatus\"\x82\x01\n\x0fGetTokenRequest\x12\x10\n\x08identity\x18\x01 \x01(\t\x12+\n\x08lifetime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x30\n\rmin_valid_for\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xe5\x01\n\x10GetTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12-\n\tissued_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrefresh_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06issuer\x18\x05 \x01(\t\x12\x10\n\x08identity\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\"\x12\n\x10GetStatusRequest\"\x9a\x03\n\x11GetStatusResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06socket\x18\x03 \x01(\t\x12\x33\n\nidentities\x18\x04 \x03(\x0b\x32\x1f.skykit.agent.v1.IdentityStatus\x12\x38\n\rcache_entries\x18\x05 \x03(\x0b\x32!.skykit.agent.v1.CacheEntryStatus\x12\x32\n\x0blast_reload\x18\x06 \x01(\x0b\x32\x1d.skykit.agent.v1.ReloadStatus\x12\x18\n\x10open_connections\x18\x07 \x01(\r\x12\x36\n\x0ekey_protection\x18\x08 \x01(\x0b\x32\x1e.skykit.agent.v1.KeyProtection\x12\x19\n\x11\x63\x61lls_in_progress\x18\t \x01(\r\x12\x10\n\x08watchers\x18\n \x01(\r\x12\x12\n\nrefreshers\x18\x0b \x01(\r\"\x84\x01\n\x0eIdentityStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06issuer\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\x12\x33\n\x10\x64\x65\x66\x61ult_lifetime\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0f\n\x07\x64\x65\x66\x61ult\x18\x05 \x01(\x08\"\xe3\x01\n\x10\x43\x61\x63heEntryStatus\x12\x10\n\x08identity\x18\x01 \x01(\t\x12+\n\x08lifetime\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tissued_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rrefresh_after\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"Z\n\x0cReloadStatus\x12/\n\x0b\x66inished_at\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"z\n\rKeyProtection\x12\r\n\x05state\x18\x01 \x01(\t\x12\x14\n\x0cnon_dumpable\x18\x02 \x01(\x08\x12\x17\n\x0f\x63ore_limit_zero\x18\x03 \x01(\x08\x12\x14\n\x0clocked_bytes\x18\x04 \x01(\x04\x12\x15\n\rlock_failures\x18\x05 \x01(\r2\x99\x02\n\x0cTokenService\x12O\n\x08GetToken\x12 .skykit.agent.v1.GetTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse\x12\x61\n\x0eListIdentities\x12&.skykit.agent.v1.ListIdentitiesRequest\x1a\'.skykit.agent.v1.ListIdentitiesResponse\x12U\n\nWatchToken\x12\".skykit.agent.v1.WatchTokenRequest\x1a!.skykit.agent.v1.GetTokenResponse0\x01\x32\x62\n\x0c\x41gentService\x12R\n\tGetStatus\x12!.skykit.agent.v1.GetStatusRequest\x1a\".skykit.agent.v1.GetStatusResponseBGZEgithub.com/skykit/skykit-agent/clients/go/skykitagentv1;skykitagentv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,30 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'skykit.agent.v1.agent_pb2',
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'ZEgithub.com/skykit/skykit-agent/clients/go/skykitagentv1;skykitagentv1'
-  _globals['_LISTIDENTITIESREQUEST']._serialized_start=113
-  _globals['_LISTIDENTITIESREQUEST']._serialized_end=136
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=138
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=215
-  _globals['_GETTOKENREQUEST']._serialized_start=218
-  _globals['_GETTOKENREQUEST']._serialized_end=348
-  _globals['_GETTOKENRESPONSE']._serialized_start=351
-  _globals['_GETTOKENRESPONSE']._serialized_end=580
-  _globals['_GETSTATUSREQUEST']._serialized_start=582
-  _globals['_GETSTATUSREQUEST']._serialized_end=600
-  _globals['_GETSTATUSRESPONSE']._serialized_start=603
-  _globals['_GETSTATUSRESPONSE']._serialized_end=975
-  _globals['_IDENTITYSTATUS']._serialized_start=978
-  _globals['_IDENTITYSTATUS']._serialized_end=1110
-  _globals['_CACHEENTRYSTATUS']._serialized_start=1113
-  _globals['_CACHEENTRYSTATUS']._serialized_end=1340
-  _globals['_RELOADSTATUS']._serialized_start=1342
-  _globals['_RELOADSTATUS']._serialized_end=1432
-  _globals['_KEYPROTECTION']._serialized_start=1434
-  _globals['_KEYPROTECTION']._serialized_end=1556
-  _globals['_TOKENSERVICE']._serialized_start=1559
-  _globals['_TOKENSERVICE']._serialized_end=1753
-  _globals['_AGENTSERVICE']._serialized_start=1755
-  _globals['_AGENTSERVICE']._serialized_end=1853
+  _globals['_WATCHTOKENREQUEST']._serialized_start=113
+  _globals['_WATCHTOKENREQUEST']._serialized_end=195
+  _globals['_LISTIDENTITIESREQUEST']._serialized_start=197
+  _globals['_LISTIDENTITIESREQUEST']._serialized_end=220
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=222
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=299
+  _globals['_GETTOKENREQUEST']._serialized_start=302
+  _globals['_GETTOKENREQUEST']._serialized_end=432
+  _globals['_GETTOKENRESPONSE']._serialized_start=435
+  _globals['_GETTOKENRESPONSE']._serialized_end=664
+  _globals['_GETSTATUSREQUEST']._serialized_start=666
+  _globals['_GETSTATUSREQUEST']._serialized_end=684
+  _globals['_GETSTATUSRESPONSE']._serialized_start=687
+  _globals['_GETSTATUSRESPONSE']._serialized_end=1097
+  _globals['_IDENTITYSTATUS']._serialized_start=1100
+  _globals['_IDENTITYSTATUS']._serialized_end=1232
+  _globals['_CACHEENTRYSTATUS']._serialized_start=1235
+  _globals['_CACHEENTRYSTATUS']._serialized_end=1462
+  _globals['_RELOADSTATUS']._serialized_start=1464
+  _globals['_RELOADSTATUS']._serialized_end=1554
+  _globals['_KEYPROTECTION']._serialized_start=1556
+  _globals['_KEYPROTECTION']._serialized_end=1678
+  _globals['_TOKENSERVICE']._serialized_start=1681
+  _globals['_TOKENSERVICE']._serialized_end=1962
+  _globals['_AGENTSERVICE']._serialized_start=1964
+  _globals['_AGENTSERVICE']._serialized_end=2062
 # @@protoc_insertion_point(module_scope)

@@ -10,6 +10,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class WatchTokenRequest(_message.Message):
+    __slots__ = ("identity", "lifetime")
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LIFETIME_FIELD_NUMBER: _ClassVar[int]
+    identity: str
+    lifetime: _duration_pb2.Duration
+    def __init__(self, identity: _Optional[str] = ..., lifetime: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
 class ListIdentitiesRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -53,7 +61,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection", "calls_in_progress")
+    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection", "calls_in_progress", "watchers", "refreshers")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +71,8 @@ class GetStatusResponse(_message.Message):
     OPEN_CONNECTIONS_FIELD_NUMBER: _ClassVar[int]
     KEY_PROTECTION_FIELD_NUMBER: _ClassVar[int]
     CALLS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    WATCHERS_FIELD_NUMBER: _ClassVar[int]
+    REFRESHERS_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_at: _timestamp_pb2.Timestamp
     socket: str
@@ -72,7 +82,9 @@ class GetStatusResponse(_message.Message):
     open_connections: int
     key_protection: KeyProtection
     calls_in_progress: int
-    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ..., calls_in_progress: _Optional[int] = ...) -> None: ...
+    watchers: int
+    refreshers: int
+    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ..., calls_in_progress: _Optional[int] = ..., watchers: _Optional[int] = ..., refreshers: _Optional[int] = ...) -> None: ...
 
 class IdentityStatus(_message.Message):
     __slots__ = ("name", "issuer", "key_id", "default_lifetime", "default")

@@ -45,6 +45,11 @@ class TokenServiceStub:
                 request_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.SerializeToString,
                 response_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.FromString,
                 _registered_method=True)
+        self.WatchToken = channel.unary_stream(
+                '/skykit.agent.v1.TokenService/WatchToken',
+                request_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.WatchTokenRequest.SerializeToString,
+                response_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.FromString,
+                _registered_method=True)
 
 
 class TokenServiceServicer:
@@ -74,6 +79,18 @@ class TokenServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchToken(self, request, context):
+        """Streams tokens for the identity: the current one at once, then each
+        replacement as soon as the agent signs it at the refresh point (and at
+        once after a key rotation). One signature serves every watcher and
+        caller of the same identity and lifetime. The same policy applies as
+        for GetToken. The stream ends with UNAVAILABLE when the agent shuts
+        down: reconnect and watch again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TokenServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -86,6 +103,11 @@ def add_TokenServiceServicer_to_server(servicer, server):
                     servicer.ListIdentities,
                     request_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.FromString,
                     response_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.SerializeToString,
+            ),
+            'WatchToken': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchToken,
+                    request_deserializer=skykit_dot_agent_dot_v1_dot_agent__pb2.WatchTokenRequest.FromString,
+                    response_serializer=skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -143,6 +165,33 @@ class TokenService:
             '/skykit.agent.v1.TokenService/ListIdentities',
             skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesRequest.SerializeToString,
             skykit_dot_agent_dot_v1_dot_agent__pb2.ListIdentitiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/skykit.agent.v1.TokenService/WatchToken',
+            skykit_dot_agent_dot_v1_dot_agent__pb2.WatchTokenRequest.SerializeToString,
+            skykit_dot_agent_dot_v1_dot_agent__pb2.GetTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
