@@ -87,9 +87,51 @@ pub struct Config {
     pub require_locked_memory: bool,
     /// Bounds on messages, streams, connections and signatures.
     pub limits: Limits,
+    /// Files the agent keeps a current token in.
+    pub sinks: Vec<SinkConfig>,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<MetricsListen>,
     /// Invariant: not empty, names unique, exactly one marked default.
     pub identities: Vec<IdentityConfig>,
 }
+
+/// One `[[sink]]`: a file the agent keeps a current token in, rewritten
+/// atomically at start and at each refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkConfig {
+    pub path: PathBuf,
+    /// The identity's name (checked against the `[[identity]]` names).
+    pub identity: String,
+    /// `None`: the identity's default lifetime.
+    pub lifetime: Option<Lifetime>,
+    pub mode: u32,
+    /// Only when the agent runs as root.
+    pub owner: Option<u32>,
+    /// One of the agent's own groups (any group when it runs as root).
+    pub group: Option<Group>,
+    pub format: SinkFormat,
+}
+
+/// What a sink file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SinkFormat {
+    /// The bare token and a newline.
+    Token,
+    /// The token and its times, as `token --json` prints them.
+    Json,
+}
+
+/// Where the metrics listener binds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// `unix:PATH`.
+    Unix(PathBuf),
+    /// `HOST:PORT` on a loopback address.
+    Tcp(std::net::SocketAddr),
+}
+
+/// The mode of a sink file unless `mode` says otherwise.
+pub const DEFAULT_SINK_MODE: u32 = 0o640;
 
 /// A group the socket is given, resolved when the config loads.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -218,6 +260,8 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
             socket_group: parsed.socket_group,
             require_locked_memory: parsed.require_locked_memory,
             limits: parsed.limits,
+            sinks: parsed.sinks,
+            metrics: parsed.metrics,
             identities,
         }),
         _ => Err(Problems(problems)),
@@ -273,6 +317,8 @@ struct FileSettings {
     socket_group: Option<Group>,
     require_locked_memory: bool,
     limits: Limits,
+    sinks: Vec<SinkConfig>,
+    metrics: Option<MetricsListen>,
     identities: Vec<IdentityConfig>,
     /// The file has `[[identity]]` sections, even if some were invalid.
     declares_identities: bool,
@@ -323,6 +369,26 @@ fn parse_file(
                     }
                 }
             }
+            "sink" => match value.get_ref() {
+                DeValue::Array(tables) => {
+                    for table in tables.iter() {
+                        let here = at(table.span());
+                        match table.get_ref() {
+                            DeValue::Table(fields) => {
+                                if let Some(sink) = parse_sink(fields, base, euid, &at, &here, problems) {
+                                    settings.sinks.push(sink);
+                                }
+                            }
+                            _ => problems.push(format!("{here}: each `sink` must be a table: write [[sink]] sections")),
+                        }
+                    }
+                }
+                _ => problems.push(format!("{here}: `sink` must be an array of tables: write [[sink]], not [sink]")),
+            },
+            "metrics" => match value.get_ref() {
+                DeValue::Table(fields) => settings.metrics = parse_metrics(fields, base, &at, problems),
+                _ => problems.push(format!("{here}: `metrics` must be a table: write [metrics]")),
+            },
             "limits" => match value.get_ref() {
                 DeValue::Table(fields) => parse_limits(fields, &mut settings.limits, &at, problems),
                 _ => problems.push(format!("{here}: `limits` must be a table: write [limits]")),
@@ -361,6 +427,7 @@ fn parse_file(
         }
     }
     check_duplicates(path, &raw, problems);
+    check_sinks(path, &settings.sinks, &raw, problems);
     let single = raw.len() == 1;
     settings.identities = raw
         .into_iter()
@@ -374,7 +441,168 @@ fn parse_file(
 }
 
 const TOP_LEVEL_KEYS: &str =
-    "socket, socket_mode, socket_group, require_locked_memory, limits, identity";
+    "socket, socket_mode, socket_group, require_locked_memory, limits, metrics, sink, identity";
+const SINK_KEYS: &str = "path, identity, lifetime, mode, owner, group, format";
+
+/// Reads one `[[sink]]`.
+fn parse_sink(
+    fields: &DeTable<'_>,
+    base: &Path,
+    euid: u32,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+    here: &str,
+    problems: &mut Vec<String>,
+) -> Option<SinkConfig> {
+    let before = problems.len();
+    let mut sink = SinkConfig {
+        path: PathBuf::new(),
+        identity: String::new(),
+        lifetime: None,
+        mode: DEFAULT_SINK_MODE,
+        owner: None,
+        group: None,
+        format: SinkFormat::Token,
+    };
+    for (field, value) in fields {
+        let where_ = at(field.span());
+        let name = field.get_ref().as_ref();
+        let Some(text) = expect_str(value, &where_, name, problems) else {
+            continue;
+        };
+        match name {
+            "path" => sink.path = base.join(text),
+            "identity" => sink.identity = text.to_owned(),
+            "lifetime" => match parse_lifetime(text) {
+                Ok(lifetime) => sink.lifetime = Some(lifetime),
+                Err(error) => problems.push(format!("{where_}: `lifetime`: {error}")),
+            },
+            "mode" => match parse_mode(text) {
+                Ok(mode) => sink.mode = mode,
+                Err(problem) => problems.push(format!("{where_}: {}", problem.replace("socket_mode", "mode"))),
+            },
+            "owner" if euid != 0 => problems.push(format!(
+                "{where_}: `owner` needs the agent to run as root (it runs as uid {euid}); leave it out, and the file belongs to the agent's user"
+            )),
+            "owner" => match text.parse::<u32>().ok().or_else(|| {
+                nix::unistd::User::from_name(text).ok().flatten().map(|user| user.uid.as_raw())
+            }) {
+                Some(uid) => sink.owner = Some(uid),
+                None => problems.push(format!("{where_}: `owner` {text:?} is not a user on this system")),
+            },
+            "group" => match resolve_group(text) {
+                Ok(group) if euid == 0 || own_groups().contains(&group.gid) => sink.group = Some(group),
+                Ok(group) => problems.push(format!(
+                    "{where_}: `group` {text:?} (gid {}) is not one of the agent's own groups, so it cannot give a file to it: add the agent's user to the group or leave `group` out",
+                    group.gid
+                )),
+                Err(problem) => problems.push(format!("{where_}: {}", problem.replace("socket_group", "group"))),
+            },
+            "format" => match text {
+                "token" => sink.format = SinkFormat::Token,
+                "json" => sink.format = SinkFormat::Json,
+                other => problems.push(format!("{where_}: `format` {other:?} is not \"token\" or \"json\"")),
+            },
+            other => problems.push(format!(
+                "{where_}: unknown key `{other}` in [[sink]]; expected one of: {SINK_KEYS}"
+            )),
+        }
+    }
+    if sink.path.as_os_str().is_empty() {
+        problems.push(format!(
+            "{here}: [[sink]] has no `path`: add path = \"/run/myservice/skykit-token\""
+        ));
+    }
+    (problems.len() == before).then_some(sink)
+}
+
+/// The groups a file of the agent's may be given without root.
+fn own_groups() -> Vec<u32> {
+    let mut groups: Vec<u32> = rustix::process::getgroups()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|gid| gid.as_raw())
+        .collect();
+    groups.push(rustix::process::getegid().as_raw());
+    groups
+}
+
+/// Sinks name existing identities and distinct files.
+fn check_sinks(
+    path: &Path,
+    sinks: &[SinkConfig],
+    identities: &[RawIdentity],
+    problems: &mut Vec<String>,
+) {
+    let names: Vec<&str> = identities
+        .iter()
+        .map(|raw| raw.identity.name.as_str())
+        .collect();
+    let default = identities
+        .iter()
+        .find(|raw| raw.identity.default || identities.len() == 1)
+        .map(|raw| raw.identity.name.as_str());
+    let mut seen = Vec::new();
+    for sink in sinks {
+        let name = if sink.identity.is_empty() {
+            default.unwrap_or(DEFAULT_IDENTITY)
+        } else {
+            &sink.identity
+        };
+        if !identities.is_empty() && !names.contains(&name) {
+            problems.push(format!(
+                "{}: [[sink]] {} names identity {name:?}, which is not an [[identity]] here; it has: {}",
+                path.display(),
+                sink.path.display(),
+                names.join(", ")
+            ));
+        }
+        if seen.contains(&&sink.path) {
+            problems.push(format!(
+                "{}: two [[sink]] sections write {}: give each its own file",
+                path.display(),
+                sink.path.display()
+            ));
+        }
+        seen.push(&sink.path);
+    }
+}
+
+/// Reads `[metrics]`.
+fn parse_metrics(
+    fields: &DeTable<'_>,
+    base: &Path,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+    problems: &mut Vec<String>,
+) -> Option<MetricsListen> {
+    let mut listen = None;
+    for (field, value) in fields {
+        let where_ = at(field.span());
+        match field.get_ref().as_ref() {
+            "listen" => {
+                let Some(text) = expect_str(value, &where_, "listen", problems) else {
+                    continue;
+                };
+                if let Some(path) = text.strip_prefix("unix:") {
+                    listen = Some(MetricsListen::Unix(base.join(path)));
+                } else {
+                    match text.parse::<std::net::SocketAddr>() {
+                        Ok(address) if address.ip().is_loopback() => listen = Some(MetricsListen::Tcp(address)),
+                        Ok(address) => problems.push(format!(
+                            "{where_}: metrics `listen` {address} is not a loopback address: use 127.0.0.1:PORT, [::1]:PORT or unix:PATH (put a proxy in front to export further)"
+                        )),
+                        Err(_) => problems.push(format!(
+                            "{where_}: metrics `listen` {text:?} is neither unix:PATH nor HOST:PORT, such as \"127.0.0.1:9464\""
+                        )),
+                    }
+                }
+            }
+            other => problems.push(format!(
+                "{where_}: unknown key `{other}` in [metrics]; expected: listen"
+            )),
+        }
+    }
+    listen
+}
 const LIMIT_KEYS: &str = "max_message_bytes, max_concurrent_streams, max_calls_per_connection, request_timeout, keepalive_interval, keepalive_timeout, max_header_list_bytes, max_connections, handshake_timeout, new_signatures_per_uid_per_minute, drain_timeout";
 
 /// Reads `[limits]`; each value must be a positive integer or a duration

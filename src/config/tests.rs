@@ -423,3 +423,90 @@ fn key_credential_reads_from_the_credentials_directory() {
     let problems = setup.problems();
     check(&problems, &["not a credential name"]);
 }
+
+#[test]
+fn sinks_and_metrics_are_read() {
+    let setup = Setup::new();
+    setup.file(
+        r#"
+[metrics]
+listen = "127.0.0.1:9464"
+[[sink]]
+path = "token"
+[[sink]]
+path = "/run/svc/token.json"
+identity = "ops"
+lifetime = "10m"
+mode = "0600"
+format = "json"
+[[identity]]
+name = "ops"
+issuer = "a@x.io"
+"#,
+    );
+    let config = setup.load().unwrap();
+    assert_eq!(
+        config.metrics,
+        Some(MetricsListen::Tcp("127.0.0.1:9464".parse().unwrap()))
+    );
+    assert_eq!(config.sinks.len(), 2);
+    assert_eq!(config.sinks[0].path, setup.config_dir().join("token"));
+    assert_eq!(config.sinks[0].mode, DEFAULT_SINK_MODE);
+    assert_eq!(config.sinks[0].format, SinkFormat::Token);
+    let second = &config.sinks[1];
+    assert_eq!(
+        (
+            second.identity.as_str(),
+            second.lifetime.map(Lifetime::secs),
+            second.mode,
+            second.format
+        ),
+        ("ops", Some(600), 0o600, SinkFormat::Json)
+    );
+    setup.file("[metrics]\nlisten = \"unix:metrics.sock\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    assert_eq!(
+        setup.load().unwrap().metrics,
+        Some(MetricsListen::Unix(setup.config_dir().join("metrics.sock")))
+    );
+}
+
+#[test]
+fn bad_sinks_and_metrics_are_problems_naming_the_line() {
+    let setup = Setup::new();
+    setup.file(
+        r#"[metrics]
+listen = "0.0.0.0:9464"
+[[sink]]
+identity = "nope"
+format = "yaml"
+owner = "root"
+group = "no-such-group-xyz"
+[[sink]]
+path = "/a"
+[[sink]]
+path = "/a"
+[[identity]]
+issuer = "a@x.io"
+"#,
+    );
+    let problems = setup.problems();
+    check(&problems, &[":2:", "not a loopback address"]);
+    check(&problems, &[":3:", "[[sink]] has no `path`"]);
+    check(&problems, &[":5:", "\"yaml\" is not \"token\" or \"json\""]);
+    check(
+        &problems,
+        &[":6:", "`owner` needs the agent to run as root", "uid 1000"],
+    );
+    check(&problems, &[":7:", "not a group on this system"]);
+    check(&problems, &["two [[sink]] sections write /a"]);
+}
+
+#[test]
+fn a_sink_must_name_a_configured_identity() {
+    let setup = Setup::new();
+    setup.file("[[sink]]\npath = \"/t\"\nidentity = \"nope\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    check(
+        &setup.problems(),
+        &["[[sink]] /t names identity \"nope\"", "it has: default"],
+    );
+}

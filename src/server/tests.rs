@@ -45,6 +45,8 @@ async fn start() -> Running {
         socket_group: None,
         require_locked_memory: true,
         limits: crate::limits::Limits::default(),
+        sinks: Vec::new(),
+        metrics: None,
         identities: vec![IdentityConfig {
             name: "default".into(),
             issuer: "test@example.com".into(),
