@@ -523,6 +523,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
                 .unwrap_or(started_mono);
             let signer = shared.clone();
             let signing_key = key.clone();
+            let started = std::time::Instant::now();
             let result = tokio::task::spawn_blocking(move || {
                 signer
                     .signer
@@ -530,6 +531,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             })
             .await
             .unwrap_or_else(|_| Err(SignFailure("the signing thread panicked".into())));
+            crate::metrics::observe_since(&crate::metrics::global().signing_seconds, started);
             let outcome = shared.finish(&key, caller, result, mono_issued_at, generation);
             sender.send_replace(Some(outcome));
         });
@@ -606,6 +608,12 @@ impl<S, C: Clock> Shared<S, C> {
                 })
             }
             Err(failure) => {
+                crate::metrics::global()
+                    .refresh_failures
+                    .get_or_create(&crate::metrics::IdentityLabels {
+                        identity: crate::metrics::Name(key.identity.clone()),
+                    })
+                    .inc();
                 let remaining = entry
                     .current
                     .as_ref()

@@ -433,13 +433,17 @@ fn format_status(report: &GetStatusResponse, serving: bool) -> String {
         "watchers: {} (refresher tasks: {})",
         report.watchers, report.refreshers
     ));
-    lines.push(format!(
-        "key protection: {}",
-        report
-            .key_protection
-            .as_ref()
-            .map_or("unknown", |protection| protection.state.as_str())
-    ));
+    lines.push(match &report.key_protection {
+        None => "key protection: unknown".to_owned(),
+        Some(protection) => format!(
+            "key protection: {} (non-dumpable: {}, core limit 0: {}, locked key bytes: {}, lock failures: {})",
+            protection.state,
+            protection.non_dumpable,
+            protection.core_limit_zero,
+            protection.locked_bytes,
+            protection.lock_failures
+        ),
+    });
     lines.join("\n")
 }
 

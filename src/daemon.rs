@@ -104,6 +104,18 @@ pub async fn run(
     }
     systemd::ready(&serving_status(&registry.current(), &socket_path));
     let watchdog = tokio::spawn(systemd::watchdog());
+    let metrics = config.metrics.clone().map(|listen| {
+        let access = Access {
+            mode: config.socket_mode,
+            group: config.socket_group.as_ref().map(|group| group.gid),
+        };
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Err(error) = crate::metrics::serve(listen, access, service).await {
+                tracing::error!(error = %format!("{error:#}"), "the metrics listener failed; tokens are still served");
+            }
+        })
+    });
     let reloader = tokio::spawn(reload_on_hangup(
         hangups,
         loader,
@@ -125,6 +137,9 @@ pub async fn run(
     let result = server::run(listener, service, stop).await;
     reloader.abort();
     watchdog.abort();
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     drop(bound);
     result?;
     if socket_lost.load(std::sync::atomic::Ordering::Relaxed) {
@@ -202,6 +217,12 @@ async fn reload_on_hangup(
         tracing::info!("SIGHUP: reloading config and keys");
         let outcome = reload(&loader, &mut config, &live).await;
         let error = outcome.as_ref().err().map(ToString::to_string);
+        crate::metrics::global()
+            .reloads
+            .get_or_create(&crate::metrics::ResultLabels {
+                result: if error.is_none() { "ok" } else { "failed" },
+            })
+            .inc();
         live.tracker.record_reload(Reload {
             finished_at: SystemTime::now(),
             error: error.clone(),
@@ -259,6 +280,8 @@ fn warn_about_unreloadable(before: &Config, after: &Config) {
         ("socket_mode", before.socket_mode != after.socket_mode),
         ("socket_group", before.socket_group != after.socket_group),
         ("limits", before.limits != after.limits),
+        ("metrics", before.metrics != after.metrics),
+        ("sink", before.sinks != after.sinks),
     ];
     for (setting, changed) in settings {
         if changed {

@@ -34,11 +34,16 @@ const MAX_FILE_BYTES: u64 = 1 << 20;
 /// An RSA private key, parsed once, that signs RS256.
 ///
 /// Invariant: the parsed key lives inside aws-lc, which wipes it when freed;
-/// the PEM and DER bytes it was made from were zeroized when loading ended.
+/// the PEM text it was read from was zeroized when loading ended, and its
+/// DER stays in locked pages for as long as the key lives (so the key's
+/// raw bytes never reach swap and `VmLck` shows the protection in force).
 pub struct SigningKey {
     pair: KeyPair,
     key_id: String,
     bits: usize,
+    /// The DER of a loaded key, in locked, undumpable pages; `None` for a
+    /// key generated in this process (it lives only inside aws-lc).
+    _locked_der: Option<LockedBuf>,
 }
 
 /// Why a key file was refused. Every message names the file and the fix.
@@ -146,7 +151,7 @@ impl SigningKey {
         let contents = read_key_file(path, options)?;
         let der = decode_private_key_pem(path, &contents, options)?;
         drop(contents);
-        Self::from_der(path, &der)
+        Self::from_der(path, der)
     }
 
     /// Makes a new random key.
@@ -233,12 +238,12 @@ impl SigningKey {
         file.sync_all()
     }
 
-    fn from_der(path: &Path, der: &PrivateKeyDer) -> Result<Self, Error> {
+    fn from_der(path: &Path, der: PrivateKeyDer) -> Result<Self, Error> {
         let malformed = |reason: &str| Error::Malformed {
             path: path.to_owned(),
             reason: reason.to_owned(),
         };
-        let pkcs1 = match der {
+        let pkcs1 = match &der {
             PrivateKeyDer::Pkcs8(bytes) => {
                 pkcs8_rsa_private_key(bytes).map_err(|problem| match problem {
                     Pkcs8Problem::Malformed(reason) => malformed(reason),
@@ -257,12 +262,17 @@ impl SigningKey {
                 bits,
             });
         }
-        let pair = match der {
-            PrivateKeyDer::Pkcs8(bytes) => KeyPair::from_pkcs8(bytes),
-            PrivateKeyDer::Pkcs1(bytes) => KeyPair::from_der(bytes),
-        }
-        .map_err(|rejected| malformed(&format!("the crypto library rejected it: {rejected}")))?;
-        Self::from_pair(pair).ok_or_else(|| malformed("its public key cannot be encoded"))
+        let (pair, der) = match der {
+            PrivateKeyDer::Pkcs8(bytes) => (KeyPair::from_pkcs8(&bytes), bytes),
+            PrivateKeyDer::Pkcs1(bytes) => (KeyPair::from_der(&bytes), bytes),
+        };
+        let pair = pair.map_err(|rejected| {
+            malformed(&format!("the crypto library rejected it: {rejected}"))
+        })?;
+        let mut key =
+            Self::from_pair(pair).ok_or_else(|| malformed("its public key cannot be encoded"))?;
+        key._locked_der = Some(der);
+        Ok(key)
     }
 
     fn from_pair(pair: KeyPair) -> Option<Self> {
@@ -271,6 +281,7 @@ impl SigningKey {
             pair,
             key_id: String::new(),
             bits,
+            _locked_der: None,
         };
         let (n, e) = key.public_jwk_components();
         // RFC 7638: the required members in lexicographic order, no spaces.

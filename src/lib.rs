@@ -21,6 +21,7 @@ pub mod identity;
 pub mod key;
 pub mod limits;
 pub mod memory;
+pub mod metrics;
 pub mod peer;
 pub mod policy;
 pub mod proto;

@@ -14,6 +14,7 @@ use crate::{
     identity::{Identity, Registry},
     limits::{Limits, SignatureBudget},
     memory::Protection,
+    metrics,
     peer::{Caller, Incoming},
     proto::{
         CacheEntryStatus, FILE_DESCRIPTOR_SET, GetStatusRequest, GetStatusResponse,
@@ -71,6 +72,13 @@ impl Service {
         self
     }
 
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.tracker
+            .open_connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The cache, for status reporting and sweeping.
     pub fn cache(&self) -> &AgentCache {
         &self.cache
@@ -81,48 +89,16 @@ impl Service {
 impl TokenService for Service {
     async fn get_token(
         &self,
-        mut request: Request<GetTokenRequest>,
+        request: Request<GetTokenRequest>,
     ) -> Result<Response<GetTokenResponse>, Status> {
-        let _call = self.tracker.call();
-        let caller = take_caller(&mut request);
-        let request = request.into_inner();
-        let identities = self.registry.current();
-        let identity = resolve(&identities, &request.identity)?;
-        authorize(identity, &caller)?;
-        let lifetime = requested_lifetime(identity, request.lifetime)?;
-        let min_valid_for = match request.min_valid_for {
-            None => Duration::ZERO,
-            Some(min_valid_for) => lifetime
-                .check_min_valid_for(whole_seconds("min_valid_for", &min_valid_for)?)
-                .map_err(invalid)?,
-        };
-        let key = cache::Key {
-            identity: identity.name.clone(),
-            lifetime,
-        };
-        let issued = if self.sign_every_call {
-            self.sign_uncached(key).await
-        } else {
-            let may_sign = || self.budget.try_take(caller.peer.uid);
-            self.cache
-                .get_within(&key, min_valid_for, caller.peer, &may_sign)
-                .await
+        let started = std::time::Instant::now();
+        let result = self.issue(request).await;
+        let metrics = metrics::global();
+        match &result {
+            Ok(_) => metrics::observe_since(&metrics.get_token_seconds, started),
+            Err(status) => metrics.refused(status.code()),
         }
-        .map_err(|error| match error {
-            cache::Error::Throttled { .. } => Status::resource_exhausted(format!(
-                "{error} (the limit is {} per minute)",
-                self.limits.new_signatures_per_uid_per_minute
-            )),
-            cache::Error::Unavailable { .. } => Status::unavailable(error.to_string()),
-        })?;
-        tracing::debug!(
-            identity = %identity.name,
-            lifetime_secs = lifetime.secs(),
-            uid = caller.peer.uid,
-            fresh = issued.fresh,
-            "served token"
-        );
-        Ok(Response::new(response(&issued, &identity.name)))
+        result
     }
 
     type WatchTokenStream = std::pin::Pin<
@@ -394,6 +370,60 @@ fn since_epoch(time: Duration) -> Timestamp {
 }
 
 impl Service {
+    /// GetToken without its metrics; see [`TokenService::get_token`].
+    async fn issue(
+        &self,
+        mut request: Request<GetTokenRequest>,
+    ) -> Result<Response<GetTokenResponse>, Status> {
+        let _call = self.tracker.call();
+        let caller = take_caller(&mut request);
+        let request = request.into_inner();
+        let identities = self.registry.current();
+        let identity = resolve(&identities, &request.identity)?;
+        authorize(identity, &caller)?;
+        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let min_valid_for = match request.min_valid_for {
+            None => Duration::ZERO,
+            Some(min_valid_for) => lifetime
+                .check_min_valid_for(whole_seconds("min_valid_for", &min_valid_for)?)
+                .map_err(invalid)?,
+        };
+        let key = cache::Key {
+            identity: identity.name.clone(),
+            lifetime,
+        };
+        let issued = if self.sign_every_call {
+            self.sign_uncached(key).await
+        } else {
+            let may_sign = || self.budget.try_take(caller.peer.uid);
+            self.cache
+                .get_within(&key, min_valid_for, caller.peer, &may_sign)
+                .await
+        }
+        .map_err(|error| match error {
+            cache::Error::Throttled { .. } => Status::resource_exhausted(format!(
+                "{error} (the limit is {} per minute)",
+                self.limits.new_signatures_per_uid_per_minute
+            )),
+            cache::Error::Unavailable { .. } => Status::unavailable(error.to_string()),
+        })?;
+        metrics::global()
+            .tokens_issued
+            .get_or_create(&metrics::IssuedLabels {
+                identity: metrics::Name(identity.name.clone()),
+                source: if issued.fresh { "fresh" } else { "cached" },
+            })
+            .inc();
+        tracing::debug!(
+            identity = %identity.name,
+            lifetime_secs = lifetime.secs(),
+            uid = caller.peer.uid,
+            fresh = issued.fresh,
+            "served token"
+        );
+        Ok(Response::new(response(&issued, &identity.name)))
+    }
+
     /// One signature for this call alone, on a blocking thread.
     async fn sign_uncached(&self, key: cache::Key) -> Result<Issued, cache::Error> {
         let registry = self.registry.clone();
