@@ -39,6 +39,10 @@ pub const MAX_ENTRIES_PER_IDENTITY: usize = 64;
 const CLOCK_SKEW_ALLOWANCE: Duration = Duration::from_secs(5);
 /// The longest wait before retrying a failed re-sign.
 const MAX_RETRY_DELAY: Duration = Duration::from_secs(30);
+/// A watched entry without a token is signed again after this, doubling
+/// up to [`MAX_NO_TOKEN_RETRY`] while signing keeps failing.
+const NO_TOKEN_RETRY: Duration = Duration::from_secs(1);
+const MAX_NO_TOKEN_RETRY: Duration = Duration::from_secs(60);
 
 /// The two clocks the cache reads. Tests substitute both.
 pub trait Clock: Send + Sync + 'static {
@@ -402,14 +406,30 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         caller: Peer,
         watchers: &watch::Sender<Option<Issued>>,
     ) {
+        // While the entry has no token (its first is on the way, or signing
+        // keeps failing), it is retried with a growing pause.
+        let mut failures: u32 = 0;
         loop {
-            let delay = self.until_refresh(key);
+            let delay = match self.until_refresh(key) {
+                Some(delay) => {
+                    failures = 0;
+                    delay
+                }
+                None => NO_TOKEN_RETRY
+                    .saturating_mul(1 << failures.min(6))
+                    .min(MAX_NO_TOKEN_RETRY),
+            };
             tokio::select! {
                 () = watchers.closed() => break,
                 () = tokio::time::sleep(delay) => {}
             }
-            if self.until_refresh(key).is_zero() {
-                self.refresh_now(key, caller).await;
+            match self.until_refresh(key) {
+                Some(due) if !due.is_zero() => continue,
+                Some(_) => self.refresh_now(key, caller).await,
+                None => {
+                    self.refresh_now(key, caller).await;
+                    failures += 1;
+                }
             }
         }
         let mut entries = self.shared.lock();
@@ -424,20 +444,15 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         }
     }
 
-    /// How long until `key` is due for a refresh; while it has no token, a
-    /// short poll (its first token is on its way, or signing failed and is
-    /// retried).
-    fn until_refresh(&self, key: &Key) -> Duration {
+    /// How long until `key` is due for a refresh; `None` while it has no
+    /// token.
+    fn until_refresh(&self, key: &Key) -> Option<Duration> {
         let now = self.shared.clock.wall();
-        match self
-            .shared
+        self.shared
             .lock()
             .get(key)
             .and_then(|entry| entry.current.as_ref())
-        {
-            Some(cached) => cached.refresh_after.saturating_sub(now),
-            None => Duration::from_secs(1),
-        }
+            .map(|cached| cached.refresh_after.saturating_sub(now))
     }
 
     /// Starts the due re-sign of `key` (or joins one in flight) and waits

@@ -19,9 +19,10 @@ use crate::{
     key::{self, Bits, LoadOptions, SigningKey},
     memory,
     proto::{
-        GetStatusRequest, GetStatusResponse, GetTokenRequest, GetTokenResponse,
-        ListIdentitiesRequest, agent_service_client::AgentServiceClient,
+        GetStatusRequest, GetStatusResponse, GetTokenRequest, ListIdentitiesRequest,
+        agent_service_client::AgentServiceClient,
     },
+    server,
     token::Lifetime,
 };
 
@@ -32,7 +33,8 @@ Exit codes:
   2   usage error (bad flags)
   3   the agent is unreachable
   4   the agent refused the request (unknown identity, invalid argument, permission denied)
-  5   status: the agent is reachable but not serving, or its last reload failed
+  5   status: the agent is reachable but not serving, its last reload failed, or a
+      token file sink is failing
   78  serve or check rejected the configuration or a key";
 
 /// The exit codes, documented in every `--help`.
@@ -94,7 +96,7 @@ pub enum Command {
     /// Load the config and keys exactly as `serve` would, without serving; exit 0 or 78.
     #[command(after_help = EXIT_CODES)]
     Check(CheckArgs),
-    /// Show the running agent's state: identities, cache, last reload, connections.
+    /// Show the running agent's state: identities, cache, last reload, connections, sinks.
     #[command(after_help = EXIT_CODES)]
     Status(StatusArgs),
     /// List the identities the agent lets you use, with issuer, key_id and default lifetime.
@@ -336,17 +338,25 @@ fn status(args: StatusArgs) -> Result<(), Failure> {
     })?;
     print_line(&format_status(&report, serving))?;
     let reload_failed = report.last_reload.as_ref().is_some_and(|reload| !reload.ok);
-    if !serving || reload_failed {
-        return Err(Failure::new(
-            Exit::Unhealthy,
-            anyhow!(if serving {
-                "the last reload failed"
-            } else {
-                "the agent is not serving"
-            }),
-        ));
-    }
-    Ok(())
+    let failing_sinks: Vec<&str> = report
+        .sinks
+        .iter()
+        .filter(|sink| !sink.error.is_empty())
+        .map(|sink| sink.path.as_str())
+        .collect();
+    let problem = if !serving {
+        "the agent is not serving".to_owned()
+    } else if reload_failed {
+        "the last reload failed".to_owned()
+    } else if !failing_sinks.is_empty() {
+        format!(
+            "token file sink failing: {} (the agent retries; see its log)",
+            failing_sinks.join(", ")
+        )
+    } else {
+        return Ok(());
+    };
+    Err(Failure::new(Exit::Unhealthy, anyhow!(problem)))
 }
 
 fn identities(args: StatusArgs) -> Result<(), Failure> {
@@ -444,6 +454,21 @@ fn format_status(report: &GetStatusResponse, serving: bool) -> String {
             protection.lock_failures
         ),
     });
+    lines.push(format!("sinks: {}", report.sinks.len()));
+    for sink in &report.sinks {
+        let written = sink
+            .last_written
+            .as_ref()
+            .map_or("never written".to_owned(), |at| format!("written {at}"));
+        lines.push(if sink.error.is_empty() {
+            format!("  {} ({}): ok, {written}", sink.path, sink.identity)
+        } else {
+            format!(
+                "  {} ({}): FAILING ({} failed attempts, {written}): {}",
+                sink.path, sink.identity, sink.failures, sink.error
+            )
+        });
+    }
     lines.join("\n")
 }
 
@@ -507,7 +532,7 @@ fn token(args: TokenArgs) -> Result<(), Failure> {
             .map_err(status_failure)
     })?;
     let output = if args.json {
-        json_response(&response)
+        server::json(&response)
     } else {
         response.token
     };
@@ -538,34 +563,6 @@ fn status_failure(status: tonic::Status) -> Failure {
             status.message()
         ),
     )
-}
-
-/// The proto3 JSON mapping of the response: lowerCamelCase names and
-/// RFC 3339 timestamps, as grpcurl prints it.
-fn json_response(response: &GetTokenResponse) -> String {
-    /// Field order follows the proto, as grpcurl prints it.
-    #[derive(serde::Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Json<'a> {
-        token: &'a str,
-        issued_at: Option<String>,
-        expires_at: Option<String>,
-        refresh_after: Option<String>,
-        issuer: &'a str,
-        identity: &'a str,
-        key_id: &'a str,
-    }
-    let timestamp = |ts: &Option<prost_types::Timestamp>| ts.as_ref().map(ToString::to_string);
-    serde_json::to_string_pretty(&Json {
-        token: &response.token,
-        issued_at: timestamp(&response.issued_at),
-        expires_at: timestamp(&response.expires_at),
-        refresh_after: timestamp(&response.refresh_after),
-        issuer: &response.issuer,
-        identity: &response.identity,
-        key_id: &response.key_id,
-    })
-    .unwrap_or_default()
 }
 
 /// Prints to stdout; a closed pipe (`| head`) is not an error.

@@ -13,6 +13,7 @@ use crate::{
     memory::Protection,
     server::{self, AgentCache, Service},
     signal::Shutdown,
+    sink,
     socket::{self, Access, BoundSocket},
     status::{Reload, Tracker},
     systemd,
@@ -88,6 +89,14 @@ pub async fn run(
         tracing::warn!("benchmark mode: signing for every call, bypassing the cache");
         service = service.signing_every_call();
     }
+    // The sinks write on their own tasks, so they may start before READY=1:
+    // a sink that cannot be written is logged and retried, never fatal.
+    let sinks = sink::start(
+        &config.sinks,
+        &registry.current(),
+        service.cache(),
+        &tracker,
+    );
     let protection = Protection::current();
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -135,6 +144,7 @@ pub async fn run(
         systemd::stopping();
     };
     let result = server::run(listener, service, stop).await;
+    sinks.stop();
     reloader.abort();
     watchdog.abort();
     if let Some(metrics) = metrics {
@@ -273,7 +283,9 @@ async fn reload(loader: &Loader, current: &mut Config, live: &Reloadable) -> Res
     Ok(())
 }
 
-/// Settings that need a new listener: a reload cannot apply them.
+/// Settings a reload cannot apply: the listeners', and the sinks, whose
+/// tasks run from start to stop (a rotated key still reaches the sink
+/// files, since the cache re-signs their entries at once).
 fn warn_about_unreloadable(before: &Config, after: &Config) {
     let settings = [
         ("socket", before.socket != after.socket),

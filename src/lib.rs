@@ -5,9 +5,9 @@
 //! Modules in reading order: the CLI drives everything; `config` resolves
 //! flags, environment and file; `key` owns key material; `token` builds
 //! JWTs; `identity` holds the loaded identities; `cache` decides when to
-//! sign; `socket`, `peer` and `server` serve gRPC; `client` reaches the
-//! agent. This library exists so `main` and the tests share code; it is
-//! not a public API.
+//! sign; `socket`, `peer` and `server` serve gRPC; `sink` keeps token
+//! files current; `client` reaches the agent. This library exists so
+//! `main` and the tests share code; it is not a public API.
 
 #![deny(unsafe_code)]
 
@@ -27,6 +27,7 @@ pub mod policy;
 pub mod proto;
 pub mod server;
 pub mod signal;
+pub mod sink;
 pub mod socket;
 pub mod status;
 pub mod systemd;

@@ -19,7 +19,7 @@ use crate::{
     proto::{
         CacheEntryStatus, FILE_DESCRIPTOR_SET, GetStatusRequest, GetStatusResponse,
         GetTokenRequest, GetTokenResponse, IdentityStatus, KeyProtection, ListIdentitiesRequest,
-        ListIdentitiesResponse, ReloadStatus, WatchTokenRequest,
+        ListIdentitiesResponse, ReloadStatus, SinkStatus, WatchTokenRequest,
         agent_service_server::{AgentService, AgentServiceServer},
         token_service_server::{TokenService, TokenServiceServer},
     },
@@ -341,6 +341,18 @@ impl Service {
                 .load(std::sync::atomic::Ordering::Relaxed) as u32,
             watchers: self.cache.watchers() as u32,
             refreshers: self.cache.refreshers() as u32,
+            sinks: self
+                .tracker
+                .sinks()
+                .into_iter()
+                .map(|sink| SinkStatus {
+                    path: sink.path.display().to_string(),
+                    identity: sink.identity,
+                    last_written: sink.last_written.map(Timestamp::from),
+                    error: sink.error.unwrap_or_default(),
+                    failures: sink.failures,
+                })
+                .collect(),
         }
     }
 }
@@ -455,6 +467,41 @@ fn response(issued: &Issued, identity: &str) -> GetTokenResponse {
         identity: identity.to_owned(),
         key_id: token.key_id.to_string(),
     }
+}
+
+/// The proto3 JSON mapping of a token response: lowerCamelCase names and
+/// RFC 3339 timestamps, as grpcurl prints it. `skykit-agent token --json`
+/// prints it and a `format = "json"` sink holds it.
+pub fn json(response: &GetTokenResponse) -> String {
+    /// Field order follows the proto, as grpcurl prints it.
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Json<'a> {
+        token: &'a str,
+        issued_at: Option<String>,
+        expires_at: Option<String>,
+        refresh_after: Option<String>,
+        issuer: &'a str,
+        identity: &'a str,
+        key_id: &'a str,
+    }
+    let timestamp = |ts: &Option<Timestamp>| ts.as_ref().map(ToString::to_string);
+    serde_json::to_string_pretty(&Json {
+        token: &response.token,
+        issued_at: timestamp(&response.issued_at),
+        expires_at: timestamp(&response.expires_at),
+        refresh_after: timestamp(&response.refresh_after),
+        issuer: &response.issuer,
+        identity: &response.identity,
+        key_id: &response.key_id,
+    })
+    .unwrap_or_default()
+}
+
+/// [`json`] of the response `GetToken` gives for `issued` and `identity`,
+/// for callers (the sinks) that hold the cache's token, not a response.
+pub fn issued_json(issued: &Issued, identity: &str) -> String {
+    json(&response(issued, identity))
 }
 
 fn seconds(since_epoch: u64) -> Timestamp {

@@ -1,6 +1,6 @@
 //! What the agent reports about itself (`GetStatus`, `skykit-agent status`):
-//! when it started, where it listens, open connections and the outcome of
-//! the last reload.
+//! when it started, where it listens, open connections, the outcome of the
+//! last reload and the state of each token file sink.
 
 use std::{
     path::PathBuf,
@@ -28,6 +28,40 @@ pub struct Reload {
     pub error: Option<String>,
 }
 
+/// What `GetStatus` reports about one `[[sink]]` file; the sink's task
+/// (`sink.rs`) keeps it current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkReport {
+    pub path: PathBuf,
+    /// The identity's name, resolved: never empty.
+    pub identity: String,
+    /// When the file was last replaced successfully; `None` if never since
+    /// the agent started.
+    pub last_written: Option<SystemTime>,
+    /// Why the last attempt failed; `None` after a success.
+    pub error: Option<String>,
+    /// Attempts that failed since the last success.
+    pub failures: u32,
+}
+
+impl SinkReport {
+    /// A sink nothing was attempted for yet.
+    pub fn new(path: PathBuf, identity: String) -> Self {
+        SinkReport {
+            path,
+            identity,
+            last_written: None,
+            error: None,
+            failures: 0,
+        }
+    }
+
+    /// Whether the file is not being kept current.
+    pub fn is_failing(&self) -> bool {
+        self.error.is_some()
+    }
+}
+
 /// Live facts about the running agent, shared by the server and the reloader.
 #[derive(Debug)]
 pub struct Tracker {
@@ -38,6 +72,8 @@ pub struct Tracker {
     /// Calls being answered; each handler holds a [`CallGuard`].
     pub calls_in_progress: AtomicUsize,
     last_reload: Mutex<Option<Reload>>,
+    /// One report per configured sink, in config order.
+    sinks: Mutex<Vec<SinkReport>>,
 }
 
 impl Tracker {
@@ -48,6 +84,7 @@ impl Tracker {
             open_connections: Arc::new(AtomicUsize::new(0)),
             calls_in_progress: AtomicUsize::new(0),
             last_reload: Mutex::new(None),
+            sinks: Mutex::new(Vec::new()),
         }
     }
 
@@ -67,6 +104,33 @@ impl Tracker {
 
     pub fn last_reload(&self) -> Option<Reload> {
         self.last_reload
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Replaces the sink reports (once, when the sinks start).
+    pub fn set_sinks(&self, reports: Vec<SinkReport>) {
+        *self
+            .sinks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = reports;
+    }
+
+    /// Updates the report of the sink at `index`, if there is one.
+    pub fn update_sink(&self, index: usize, update: impl FnOnce(&mut SinkReport)) {
+        if let Some(report) = self
+            .sinks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get_mut(index)
+        {
+            update(report);
+        }
+    }
+
+    pub fn sinks(&self) -> Vec<SinkReport> {
+        self.sinks
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone()

@@ -575,3 +575,22 @@ async fn a_watched_entry_is_never_evicted() {
     cache.sweep();
     assert_eq!(cache.len(), 1);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_watched_entry_without_a_token_is_signed_again_with_backoff() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 600);
+    let mut updates = cache.subscribe(&key, CALLER);
+    signer.failing.store(true, Ordering::SeqCst);
+    assert!(cache.get(&key, Duration::ZERO, CALLER).await.is_err());
+    // The refresher keeps trying, each time after a longer pause...
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let attempts = signer.calls();
+    assert!((3..=5).contains(&attempts), "{attempts} attempts in 8 s");
+    // ...and the first success reaches the watchers without any request.
+    signer.failing.store(false, Ordering::SeqCst);
+    let pushed = tokio::time::timeout(Duration::from_secs(120), next_published(&mut updates))
+        .await
+        .expect("a token arrives once signing works again");
+    assert_eq!(pushed.token.lifetime(), Duration::from_secs(600));
+}

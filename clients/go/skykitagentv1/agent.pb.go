@@ -391,11 +391,14 @@ type GetStatusResponse struct {
 	KeyProtection *KeyProtection `protobuf:"bytes,8,opt,name=key_protection,json=keyProtection,proto3" json:"key_protection,omitempty"`
 	// Calls being answered right now, this GetStatus included.
 	CallsInProgress uint32 `protobuf:"varint,9,opt,name=calls_in_progress,json=callsInProgress,proto3" json:"calls_in_progress,omitempty"`
-	// WatchToken streams open right now.
+	// Subscribers to token updates right now: WatchToken streams and token
+	// file sinks (each sink subscribes to its cache entry).
 	Watchers uint32 `protobuf:"varint,10,opt,name=watchers,proto3" json:"watchers,omitempty"`
 	// Background tasks re-signing watched cache entries (one per entry that
 	// has watchers or sinks).
-	Refreshers    uint32 `protobuf:"varint,11,opt,name=refreshers,proto3" json:"refreshers,omitempty"`
+	Refreshers uint32 `protobuf:"varint,11,opt,name=refreshers,proto3" json:"refreshers,omitempty"`
+	// Every configured `[[sink]]` file, in config order.
+	Sinks         []*SinkStatus `protobuf:"bytes,12,rep,name=sinks,proto3" json:"sinks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -507,6 +510,97 @@ func (x *GetStatusResponse) GetRefreshers() uint32 {
 	return 0
 }
 
+func (x *GetStatusResponse) GetSinks() []*SinkStatus {
+	if x != nil {
+		return x.Sinks
+	}
+	return nil
+}
+
+type SinkStatus struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file the agent keeps a current token in.
+	Path string `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// The identity whose tokens it holds (the default identity's name when the
+	// sink names none).
+	Identity string `protobuf:"bytes,2,opt,name=identity,proto3" json:"identity,omitempty"`
+	// When the agent last replaced the file successfully; unset if it never
+	// has since it started.
+	LastWritten *timestamppb.Timestamp `protobuf:"bytes,3,opt,name=last_written,json=lastWritten,proto3" json:"last_written,omitempty"`
+	// Why the last attempt to write the file failed; empty when it succeeded
+	// (or none was made yet). The agent retries with backoff meanwhile.
+	Error string `protobuf:"bytes,4,opt,name=error,proto3" json:"error,omitempty"`
+	// Attempts that failed since the last successful write (0 when healthy).
+	Failures      uint32 `protobuf:"varint,5,opt,name=failures,proto3" json:"failures,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SinkStatus) Reset() {
+	*x = SinkStatus{}
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SinkStatus) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SinkStatus) ProtoMessage() {}
+
+func (x *SinkStatus) ProtoReflect() protoreflect.Message {
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SinkStatus.ProtoReflect.Descriptor instead.
+func (*SinkStatus) Descriptor() ([]byte, []int) {
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *SinkStatus) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *SinkStatus) GetIdentity() string {
+	if x != nil {
+		return x.Identity
+	}
+	return ""
+}
+
+func (x *SinkStatus) GetLastWritten() *timestamppb.Timestamp {
+	if x != nil {
+		return x.LastWritten
+	}
+	return nil
+}
+
+func (x *SinkStatus) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
+func (x *SinkStatus) GetFailures() uint32 {
+	if x != nil {
+		return x.Failures
+	}
+	return 0
+}
+
 type IdentityStatus struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The identity's name from `[[identity]] name`.
@@ -525,7 +619,7 @@ type IdentityStatus struct {
 
 func (x *IdentityStatus) Reset() {
 	*x = IdentityStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -537,7 +631,7 @@ func (x *IdentityStatus) String() string {
 func (*IdentityStatus) ProtoMessage() {}
 
 func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -550,7 +644,7 @@ func (x *IdentityStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use IdentityStatus.ProtoReflect.Descriptor instead.
 func (*IdentityStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *IdentityStatus) GetName() string {
@@ -606,7 +700,7 @@ type CacheEntryStatus struct {
 
 func (x *CacheEntryStatus) Reset() {
 	*x = CacheEntryStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -618,7 +712,7 @@ func (x *CacheEntryStatus) String() string {
 func (*CacheEntryStatus) ProtoMessage() {}
 
 func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -631,7 +725,7 @@ func (x *CacheEntryStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CacheEntryStatus.ProtoReflect.Descriptor instead.
 func (*CacheEntryStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *CacheEntryStatus) GetIdentity() string {
@@ -683,7 +777,7 @@ type ReloadStatus struct {
 
 func (x *ReloadStatus) Reset() {
 	*x = ReloadStatus{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -695,7 +789,7 @@ func (x *ReloadStatus) String() string {
 func (*ReloadStatus) ProtoMessage() {}
 
 func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -708,7 +802,7 @@ func (x *ReloadStatus) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReloadStatus.ProtoReflect.Descriptor instead.
 func (*ReloadStatus) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ReloadStatus) GetFinishedAt() *timestamppb.Timestamp {
@@ -752,7 +846,7 @@ type KeyProtection struct {
 
 func (x *KeyProtection) Reset() {
 	*x = KeyProtection{}
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -764,7 +858,7 @@ func (x *KeyProtection) String() string {
 func (*KeyProtection) ProtoMessage() {}
 
 func (x *KeyProtection) ProtoReflect() protoreflect.Message {
-	mi := &file_skykit_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_skykit_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -777,7 +871,7 @@ func (x *KeyProtection) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyProtection.ProtoReflect.Descriptor instead.
 func (*KeyProtection) Descriptor() ([]byte, []int) {
-	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_skykit_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *KeyProtection) GetState() string {
@@ -841,7 +935,7 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	"\x06issuer\x18\x05 \x01(\tR\x06issuer\x12\x1a\n" +
 	"\bidentity\x18\x06 \x01(\tR\bidentity\x12\x15\n" +
 	"\x06key_id\x18\a \x01(\tR\x05keyId\"\x12\n" +
-	"\x10GetStatusRequest\"\xa3\x04\n" +
+	"\x10GetStatusRequest\"\xd6\x04\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\tR\aversion\x129\n" +
 	"\n" +
@@ -860,7 +954,15 @@ const file_skykit_agent_v1_agent_proto_rawDesc = "" +
 	" \x01(\rR\bwatchers\x12\x1e\n" +
 	"\n" +
 	"refreshers\x18\v \x01(\rR\n" +
-	"refreshers\"\xb3\x01\n" +
+	"refreshers\x121\n" +
+	"\x05sinks\x18\f \x03(\v2\x1b.skykit.agent.v1.SinkStatusR\x05sinks\"\xad\x01\n" +
+	"\n" +
+	"SinkStatus\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x1a\n" +
+	"\bidentity\x18\x02 \x01(\tR\bidentity\x12=\n" +
+	"\flast_written\x18\x03 \x01(\v2\x1a.google.protobuf.TimestampR\vlastWritten\x12\x14\n" +
+	"\x05error\x18\x04 \x01(\tR\x05error\x12\x1a\n" +
+	"\bfailures\x18\x05 \x01(\rR\bfailures\"\xb3\x01\n" +
 	"\x0eIdentityStatus\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06issuer\x18\x02 \x01(\tR\x06issuer\x12\x15\n" +
@@ -905,7 +1007,7 @@ func file_skykit_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_skykit_agent_v1_agent_proto_rawDescData
 }
 
-var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_skykit_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
 var file_skykit_agent_v1_agent_proto_goTypes = []any{
 	(*WatchTokenRequest)(nil),      // 0: skykit.agent.v1.WatchTokenRequest
 	(*ListIdentitiesRequest)(nil),  // 1: skykit.agent.v1.ListIdentitiesRequest
@@ -914,45 +1016,48 @@ var file_skykit_agent_v1_agent_proto_goTypes = []any{
 	(*GetTokenResponse)(nil),       // 4: skykit.agent.v1.GetTokenResponse
 	(*GetStatusRequest)(nil),       // 5: skykit.agent.v1.GetStatusRequest
 	(*GetStatusResponse)(nil),      // 6: skykit.agent.v1.GetStatusResponse
-	(*IdentityStatus)(nil),         // 7: skykit.agent.v1.IdentityStatus
-	(*CacheEntryStatus)(nil),       // 8: skykit.agent.v1.CacheEntryStatus
-	(*ReloadStatus)(nil),           // 9: skykit.agent.v1.ReloadStatus
-	(*KeyProtection)(nil),          // 10: skykit.agent.v1.KeyProtection
-	(*durationpb.Duration)(nil),    // 11: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),  // 12: google.protobuf.Timestamp
+	(*SinkStatus)(nil),             // 7: skykit.agent.v1.SinkStatus
+	(*IdentityStatus)(nil),         // 8: skykit.agent.v1.IdentityStatus
+	(*CacheEntryStatus)(nil),       // 9: skykit.agent.v1.CacheEntryStatus
+	(*ReloadStatus)(nil),           // 10: skykit.agent.v1.ReloadStatus
+	(*KeyProtection)(nil),          // 11: skykit.agent.v1.KeyProtection
+	(*durationpb.Duration)(nil),    // 12: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),  // 13: google.protobuf.Timestamp
 }
 var file_skykit_agent_v1_agent_proto_depIdxs = []int32{
-	11, // 0: skykit.agent.v1.WatchTokenRequest.lifetime:type_name -> google.protobuf.Duration
-	7,  // 1: skykit.agent.v1.ListIdentitiesResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
-	11, // 2: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
-	11, // 3: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
-	12, // 4: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
-	12, // 5: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
-	12, // 6: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
-	12, // 7: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
-	7,  // 8: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
-	8,  // 9: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
-	9,  // 10: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
-	10, // 11: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
-	11, // 12: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
-	11, // 13: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
-	12, // 14: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
-	12, // 15: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
-	12, // 16: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
-	12, // 17: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
-	3,  // 18: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
-	1,  // 19: skykit.agent.v1.TokenService.ListIdentities:input_type -> skykit.agent.v1.ListIdentitiesRequest
-	0,  // 20: skykit.agent.v1.TokenService.WatchToken:input_type -> skykit.agent.v1.WatchTokenRequest
-	5,  // 21: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
-	4,  // 22: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
-	2,  // 23: skykit.agent.v1.TokenService.ListIdentities:output_type -> skykit.agent.v1.ListIdentitiesResponse
-	4,  // 24: skykit.agent.v1.TokenService.WatchToken:output_type -> skykit.agent.v1.GetTokenResponse
-	6,  // 25: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
-	22, // [22:26] is the sub-list for method output_type
-	18, // [18:22] is the sub-list for method input_type
-	18, // [18:18] is the sub-list for extension type_name
-	18, // [18:18] is the sub-list for extension extendee
-	0,  // [0:18] is the sub-list for field type_name
+	12, // 0: skykit.agent.v1.WatchTokenRequest.lifetime:type_name -> google.protobuf.Duration
+	8,  // 1: skykit.agent.v1.ListIdentitiesResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	12, // 2: skykit.agent.v1.GetTokenRequest.lifetime:type_name -> google.protobuf.Duration
+	12, // 3: skykit.agent.v1.GetTokenRequest.min_valid_for:type_name -> google.protobuf.Duration
+	13, // 4: skykit.agent.v1.GetTokenResponse.issued_at:type_name -> google.protobuf.Timestamp
+	13, // 5: skykit.agent.v1.GetTokenResponse.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 6: skykit.agent.v1.GetTokenResponse.refresh_after:type_name -> google.protobuf.Timestamp
+	13, // 7: skykit.agent.v1.GetStatusResponse.started_at:type_name -> google.protobuf.Timestamp
+	8,  // 8: skykit.agent.v1.GetStatusResponse.identities:type_name -> skykit.agent.v1.IdentityStatus
+	9,  // 9: skykit.agent.v1.GetStatusResponse.cache_entries:type_name -> skykit.agent.v1.CacheEntryStatus
+	10, // 10: skykit.agent.v1.GetStatusResponse.last_reload:type_name -> skykit.agent.v1.ReloadStatus
+	11, // 11: skykit.agent.v1.GetStatusResponse.key_protection:type_name -> skykit.agent.v1.KeyProtection
+	7,  // 12: skykit.agent.v1.GetStatusResponse.sinks:type_name -> skykit.agent.v1.SinkStatus
+	13, // 13: skykit.agent.v1.SinkStatus.last_written:type_name -> google.protobuf.Timestamp
+	12, // 14: skykit.agent.v1.IdentityStatus.default_lifetime:type_name -> google.protobuf.Duration
+	12, // 15: skykit.agent.v1.CacheEntryStatus.lifetime:type_name -> google.protobuf.Duration
+	13, // 16: skykit.agent.v1.CacheEntryStatus.issued_at:type_name -> google.protobuf.Timestamp
+	13, // 17: skykit.agent.v1.CacheEntryStatus.expires_at:type_name -> google.protobuf.Timestamp
+	13, // 18: skykit.agent.v1.CacheEntryStatus.refresh_after:type_name -> google.protobuf.Timestamp
+	13, // 19: skykit.agent.v1.ReloadStatus.finished_at:type_name -> google.protobuf.Timestamp
+	3,  // 20: skykit.agent.v1.TokenService.GetToken:input_type -> skykit.agent.v1.GetTokenRequest
+	1,  // 21: skykit.agent.v1.TokenService.ListIdentities:input_type -> skykit.agent.v1.ListIdentitiesRequest
+	0,  // 22: skykit.agent.v1.TokenService.WatchToken:input_type -> skykit.agent.v1.WatchTokenRequest
+	5,  // 23: skykit.agent.v1.AgentService.GetStatus:input_type -> skykit.agent.v1.GetStatusRequest
+	4,  // 24: skykit.agent.v1.TokenService.GetToken:output_type -> skykit.agent.v1.GetTokenResponse
+	2,  // 25: skykit.agent.v1.TokenService.ListIdentities:output_type -> skykit.agent.v1.ListIdentitiesResponse
+	4,  // 26: skykit.agent.v1.TokenService.WatchToken:output_type -> skykit.agent.v1.GetTokenResponse
+	6,  // 27: skykit.agent.v1.AgentService.GetStatus:output_type -> skykit.agent.v1.GetStatusResponse
+	24, // [24:28] is the sub-list for method output_type
+	20, // [20:24] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_skykit_agent_v1_agent_proto_init() }
@@ -966,7 +1071,7 @@ func file_skykit_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_skykit_agent_v1_agent_proto_rawDesc), len(file_skykit_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   12,
 			NumExtensions: 0,
 			NumServices:   2,
 		},

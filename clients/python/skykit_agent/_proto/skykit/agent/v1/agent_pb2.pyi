@@ -61,7 +61,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetStatusResponse(_message.Message):
-    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection", "calls_in_progress", "watchers", "refreshers")
+    __slots__ = ("version", "started_at", "socket", "identities", "cache_entries", "last_reload", "open_connections", "key_protection", "calls_in_progress", "watchers", "refreshers", "sinks")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     SOCKET_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +73,7 @@ class GetStatusResponse(_message.Message):
     CALLS_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
     WATCHERS_FIELD_NUMBER: _ClassVar[int]
     REFRESHERS_FIELD_NUMBER: _ClassVar[int]
+    SINKS_FIELD_NUMBER: _ClassVar[int]
     version: str
     started_at: _timestamp_pb2.Timestamp
     socket: str
@@ -84,7 +85,22 @@ class GetStatusResponse(_message.Message):
     calls_in_progress: int
     watchers: int
     refreshers: int
-    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ..., calls_in_progress: _Optional[int] = ..., watchers: _Optional[int] = ..., refreshers: _Optional[int] = ...) -> None: ...
+    sinks: _containers.RepeatedCompositeFieldContainer[SinkStatus]
+    def __init__(self, version: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., socket: _Optional[str] = ..., identities: _Optional[_Iterable[_Union[IdentityStatus, _Mapping]]] = ..., cache_entries: _Optional[_Iterable[_Union[CacheEntryStatus, _Mapping]]] = ..., last_reload: _Optional[_Union[ReloadStatus, _Mapping]] = ..., open_connections: _Optional[int] = ..., key_protection: _Optional[_Union[KeyProtection, _Mapping]] = ..., calls_in_progress: _Optional[int] = ..., watchers: _Optional[int] = ..., refreshers: _Optional[int] = ..., sinks: _Optional[_Iterable[_Union[SinkStatus, _Mapping]]] = ...) -> None: ...
+
+class SinkStatus(_message.Message):
+    __slots__ = ("path", "identity", "last_written", "error", "failures")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    LAST_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    identity: str
+    last_written: _timestamp_pb2.Timestamp
+    error: str
+    failures: int
+    def __init__(self, path: _Optional[str] = ..., identity: _Optional[str] = ..., last_written: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., failures: _Optional[int] = ...) -> None: ...
 
 class IdentityStatus(_message.Message):
     __slots__ = ("name", "issuer", "key_id", "default_lifetime", "default")
