@@ -111,10 +111,7 @@ impl TokenService for Service {
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
         let caller = take_caller(&mut request);
         let request = request.into_inner();
-        let identities = self.registry.current();
-        let identity = resolve(&identities, &request.identity)?;
-        authorize(identity, &caller)?;
-        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let (identity, lifetime) = self.admit(&caller, &request.identity, request.lifetime)?;
         let key = cache::Key {
             identity: identity.name.clone(),
             lifetime,
@@ -382,6 +379,21 @@ fn since_epoch(time: Duration) -> Timestamp {
 }
 
 impl Service {
+    /// The identity a request names and the lifetime it asks for, once the
+    /// identity's policy has admitted the caller.
+    fn admit(
+        &self,
+        caller: &Caller,
+        name: &str,
+        lifetime: Option<prost_types::Duration>,
+    ) -> Result<(Arc<Identity>, Lifetime), Status> {
+        let identities = self.registry.current();
+        let identity = resolve(&identities, name)?.clone();
+        authorize(&identity, caller)?;
+        let lifetime = requested_lifetime(&identity, lifetime)?;
+        Ok((identity, lifetime))
+    }
+
     /// GetToken without its metrics; see [`TokenService::get_token`].
     async fn issue(
         &self,
@@ -390,10 +402,7 @@ impl Service {
         let _call = self.tracker.call();
         let caller = take_caller(&mut request);
         let request = request.into_inner();
-        let identities = self.registry.current();
-        let identity = resolve(&identities, &request.identity)?;
-        authorize(identity, &caller)?;
-        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let (identity, lifetime) = self.admit(&caller, &request.identity, request.lifetime)?;
         let min_valid_for = match request.min_valid_for {
             None => Duration::ZERO,
             Some(min_valid_for) => lifetime

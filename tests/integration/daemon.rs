@@ -8,6 +8,7 @@
 //! switch users (`setpriv`), create groups or set ACLs need root, as CI runs
 //! them; they fail, never skip, without root or a tool they need.
 
+use crate::support::require_tool;
 use std::{
     fs, io,
     os::unix::{
@@ -42,19 +43,6 @@ const O_NONBLOCK: u32 = 0o4000;
 // ---------------------------------------------------------------------------
 // Helpers of this module.
 // ---------------------------------------------------------------------------
-
-/// Fails the test, naming how to install it, when `program` cannot run.
-fn require_tool(program: &str, install: &str) {
-    let spawned = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if let Err(error) = spawned {
-        panic!("cannot run `{program}`: {error}; this test needs it: {install}");
-    }
-}
 
 /// A process started without waiting for a socket (the tests here watch
 /// for readiness themselves), killed when dropped.

@@ -9,6 +9,7 @@
 //! another process's memory through `/proc/PID/mem`, so they need root, as
 //! CI runs them; they fail, never skip, without root or a tool they need.
 
+use crate::support::require_tool;
 use std::{
     fs,
     io::{self, BufRead, BufReader},
@@ -58,19 +59,6 @@ const EXAMPLE_GROUP: &str = "skykit";
 // ---------------------------------------------------------------------------
 // Helpers of this module: users, groups and binaries.
 // ---------------------------------------------------------------------------
-
-/// Fails the test, naming how to install it, when `program` cannot run.
-fn require_tool(program: &str, install: &str) {
-    let spawned = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    if let Err(error) = spawned {
-        panic!("cannot run `{program}`: {error}; this test needs it: {install}");
-    }
-}
 
 /// A path as `&str`, for argument lists and configs.
 fn text(path: &Path) -> &str {

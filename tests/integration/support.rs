@@ -660,3 +660,16 @@ fn rfc3339_matches_known_dates() {
     assert_eq!(rfc3339(1_700_000_000), "2023-11-14T22:13:20Z");
     assert_eq!(rfc3339(4_102_444_799), "2099-12-31T23:59:59Z");
 }
+
+/// Fails the test, naming how to install it, when `program` cannot run.
+pub fn require_tool(program: &str, install: &str) {
+    let spawned = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if let Err(error) = spawned {
+        panic!("cannot run `{program}`: {error}; this test needs it: {install}");
+    }
+}
