@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Runs every test of skykit-agent: formatting and lints, the Rust unit and
-# integration tests (the real binary on sockets in temp dirs), the grpcurl
-# checks, and the Python, Go and Node client libraries against the real agent.
+# Runs every test of skykit-agent: formatting and lints, the Rust unit,
+# integration and property tests (the real binary on sockets in temp dirs),
+# the load and soak tests in a release build, the grpcurl checks, and the
+# Python, Go and Node client libraries against the real agent.
 #
 # It installs what the tests need itself (a Python venv in .venv with pinned
 # versions, `npm ci` from the committed lock file, Go modules through go.sum)
@@ -41,6 +42,8 @@ ensure setfacl acl
 ensure systemd-analyze systemd
 ensure systemd-socket-activate systemd
 ensure groupadd passwd
+ensure prlimit util-linux
+ensure faketime faketime
 if ! rustup component list --installed 2>/dev/null | grep -q '^clippy'; then
   rustup component add rustfmt clippy
 fi
@@ -50,9 +53,14 @@ cargo fmt --all -- --check
 
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
+# The soak target is left out of --all-targets (too slow in a debug build).
+cargo clippy --locked --test soak -- -D warnings
 
 step "cargo test (unit and integration tests)"
 cargo test --locked --all-targets
+
+step "load and soak tests (release build: 1,000,000 calls, 20,000 connections, 100 reloads)"
+cargo test --release --locked --test soak
 
 step "build the agent binary the client tests run"
 cargo build --locked --bin skykit-agent

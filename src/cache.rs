@@ -266,13 +266,23 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         let mut receiver = {
             let now = (self.shared.clock.wall(), self.shared.clock.mono());
             let mut entries = self.shared.lock();
-            if !entries.contains_key(key) {
+            let new_lifetime = !entries.contains_key(key);
+            if new_lifetime {
                 self.make_room(&mut entries, &key.identity, now.1);
             }
             let entry = entries
                 .entry(key.clone())
                 .or_insert_with(|| Entry::new(now.1));
             entry.last_used = now.1;
+            // The caller forces this signature (and pays from its budget)
+            // with a new lifetime, or with a min_valid_for that a token
+            // still good for everyone else cannot meet; an expired or
+            // invalidated entry is re-signed at the agent's own cost.
+            let forced = new_lifetime
+                || entry
+                    .current
+                    .as_ref()
+                    .is_some_and(|c| c.servable(key.lifetime, Duration::ZERO, now));
             if let Some(cached) = entry
                 .current
                 .as_ref()
@@ -290,7 +300,9 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             }
             match &entry.signing {
                 Some(signing) => signing.clone(),
-                None if !may_sign() => return Err(Error::Throttled { uid: caller.uid }),
+                None if forced && !may_sign() => {
+                    return Err(Error::Throttled { uid: caller.uid });
+                }
                 None => entry
                     .signing
                     .insert(self.start_signing(key.clone(), caller))
@@ -335,12 +347,15 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         self.shared
             .generation
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        entries.retain(|key, entry| &*key.identity != identity || entry.is_watched());
-        // Watchers get a token from the new key (or issuer) right away.
+        // Entries stay (emptied), so their next signature is the agent's
+        // doing, not charged to the caller; unused ones are swept as usual.
         for (key, entry) in entries.iter_mut() {
             if &*key.identity == identity {
                 entry.current = None;
-                entry.signing = Some(self.start_signing(key.clone(), Peer::UNKNOWN));
+                if entry.is_watched() {
+                    // Watchers get a token from the new key right away.
+                    entry.signing = Some(self.start_signing(key.clone(), Peer::UNKNOWN));
+                }
             }
         }
     }

@@ -426,12 +426,37 @@ async fn each_identity_keeps_at_most_64_entries_evicting_the_least_recently_used
 }
 
 #[tokio::test(start_paused = true)]
-async fn forget_drops_only_that_identity() {
-    let (cache, _, _) = setup();
+async fn forget_empties_only_that_identity() {
+    let (cache, signer, _) = setup();
     get(&cache, &key("a", 600)).await;
     get(&cache, &key("b", 600)).await;
     cache.forget("a");
-    assert_eq!(cache.len(), 1);
+    assert_eq!(cache.snapshot().len(), 1, "only b still holds a token");
+    assert!(get(&cache, &key("a", 600)).await.fresh);
+    assert!(!get(&cache, &key("b", 600)).await.fresh);
+    assert_eq!(signer.calls(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn re_signing_after_forget_or_expiry_is_not_charged_to_the_caller() {
+    let (cache, _, _) = setup();
+    let key = key("default", 600);
+    let refuse = || false;
+    get(&cache, &key).await;
+    cache.forget("default");
+    assert!(
+        cache
+            .get_within(&key, Duration::ZERO, CALLER, &refuse)
+            .await
+            .is_ok()
+    );
+    tokio::time::advance(Duration::from_secs(600)).await;
+    assert!(
+        cache
+            .get_within(&key, Duration::ZERO, CALLER, &refuse)
+            .await
+            .is_ok()
+    );
 }
 
 #[tokio::test(start_paused = true)]
