@@ -216,8 +216,15 @@ fn resolve<'a>(
     name: &str,
 ) -> Result<&'a Arc<Identity>, Status> {
     identities.resolve(name).ok_or_else(|| {
+        // Names are at most 64 characters; a longer one is not echoed, so a
+        // huge request cannot blow up the response's headers.
+        let shown = if name.len() <= 64 {
+            format!("{name:?}")
+        } else {
+            format!("of {} bytes (names are at most 64 characters)", name.len())
+        };
         Status::not_found(format!(
-            "unknown identity {name:?}: use a name from the agent's [[identity]] config (see `skykit-agent identities`), or leave it empty for the default"
+            "unknown identity {shown}: use a name from the agent's [[identity]] config (see `skykit-agent identities`), or leave it empty for the default"
         ))
     })
 }
@@ -380,8 +387,9 @@ fn since_epoch(time: Duration) -> Timestamp {
 
 impl Service {
     /// The identity a request names and the lifetime it asks for, once the
-    /// identity's policy has admitted the caller.
-    fn admit(
+    /// identity's policy has admitted the caller. The proxy uses it too, so
+    /// both write the same audit lines.
+    pub(crate) fn admit(
         &self,
         caller: &Caller,
         name: &str,

@@ -207,3 +207,33 @@ fn tokio_stream_once<T: Send + Unpin + 'static>(
     }
     Once(Some(item))
 }
+
+#[tokio::test]
+async fn an_oversized_unknown_identity_is_not_found_without_echoing_it() {
+    let running = start().await;
+    let mut tokens =
+        crate::proto::token_service_client::TokenServiceClient::new(running.channel.clone());
+    let huge = "x".repeat(16_000);
+    let status = tokens
+        .get_token(GetTokenRequest {
+            identity: huge.clone(),
+            ..GetTokenRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+    assert!(
+        status.message().contains("of 16000 bytes"),
+        "{}",
+        status.message()
+    );
+    assert!(status.message().len() < 300);
+    let short = tokens
+        .get_token(GetTokenRequest {
+            identity: "nope".into(),
+            ..GetTokenRequest::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(short.message().contains("\"nope\""));
+}

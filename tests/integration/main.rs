@@ -1,8 +1,10 @@
 //! End-to-end tests: the real `skykit-agent` binary on a socket in a temp
 //! dir, one module per feature; `support` holds the shared helpers.
 
+mod bad_input;
 mod config;
 mod daemon;
+mod faults;
 mod keygen;
 mod keys;
 mod security;
