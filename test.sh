@@ -76,6 +76,9 @@ fi
 step "grpcurl checks (tests/grpcurl)"
 .venv/bin/python -m pytest -q tests/grpcurl
 
+step "metrics exposition parsed by prometheus_client (tests/metrics)"
+.venv/bin/python -m pytest -q tests/metrics
+
 step "Python client (clients/python)"
 .venv/bin/python -m pytest -q clients/python
 

@@ -177,6 +177,8 @@ struct Entry {
     /// Where each newly stored token is published while anyone watches;
     /// a refresher task re-signs the entry at `refresh_after` meanwhile.
     watchers: Option<Arc<watch::Sender<Option<Issued>>>>,
+    /// Stops the refresher of a watched entry whose identity is removed.
+    stop_refresher: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Entry {
@@ -186,6 +188,7 @@ impl Entry {
             signing: None,
             last_used: now,
             watchers: None,
+            stop_refresher: None,
         }
     }
 
@@ -360,6 +363,22 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         }
     }
 
+    /// Drops every entry of an identity that no longer exists. Its watchers'
+    /// channels close (once their refreshers stop), which ends their streams.
+    pub fn remove(&self, identity: &str) {
+        let mut entries = self.shared.lock();
+        self.shared
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        entries.retain(|key, entry| {
+            let keep = &*key.identity != identity;
+            if let (false, Some(stop)) = (keep, &entry.stop_refresher) {
+                stop.notify_one();
+            }
+            keep
+        });
+    }
+
     /// Subscribes to every token stored for `key` from now on. While any
     /// subscriber is left, a background task re-signs the entry at its
     /// `refresh_after` (entries without subscribers stay request-driven).
@@ -380,14 +399,18 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         }
         let (sender, receiver) = watch::channel(None);
         let sender = Arc::new(sender);
+        let stop = Arc::new(tokio::sync::Notify::new());
         entry.watchers = Some(sender.clone());
+        entry.stop_refresher = Some(stop.clone());
         let cache = self.clone();
         let key = key.clone();
         self.shared
             .refreshers
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tokio::spawn(async move {
-            cache.refresh_while_watched(&key, caller, &sender).await;
+            cache
+                .refresh_while_watched(&key, caller, &sender, &stop)
+                .await;
             cache
                 .shared
                 .refreshers
@@ -420,6 +443,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         key: &Key,
         caller: Peer,
         watchers: &watch::Sender<Option<Issued>>,
+        stop: &tokio::sync::Notify,
     ) {
         // While the entry has no token (its first is on the way, or signing
         // keeps failing), it is retried with a growing pause.
@@ -436,6 +460,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             };
             tokio::select! {
                 () = watchers.closed() => break,
+                () = stop.notified() => break,
                 () = tokio::time::sleep(delay) => {}
             }
             match self.until_refresh(key) {

@@ -91,6 +91,8 @@ pub struct Config {
     pub sinks: Vec<SinkConfig>,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics: Option<MetricsListen>,
+    /// The authenticating HTTP proxy to Skykit API, if configured.
+    pub proxy: Option<ProxyConfig>,
     /// Invariant: not empty, names unique, exactly one marked default.
     pub identities: Vec<IdentityConfig>,
 }
@@ -129,6 +131,47 @@ pub enum MetricsListen {
     /// `HOST:PORT` on a loopback address.
     Tcp(std::net::SocketAddr),
 }
+
+/// `[proxy]`: an HTTP listener that forwards requests to Skykit API with
+/// the agent's token attached (see `proxy.rs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyConfig {
+    pub listen: ProxyListen,
+    /// Invariant: `https://` or `http://` with a loopback host, an origin
+    /// only (no user info, path or query).
+    pub upstream: hyper::Uri,
+    /// The identity whose token is attached; empty means the default one.
+    pub identity: String,
+    /// Bounds connecting, sending the request and receiving the response
+    /// headers, and then each pause in the response body.
+    pub timeout: std::time::Duration,
+    /// A 401 is retried with a new token only when the token sent was at
+    /// least this old; zero retries every 401 (once).
+    pub retry_min_token_age: std::time::Duration,
+    /// Accept a TCP listener, which any local user can reach.
+    /// Invariant: true whenever `listen` is TCP.
+    pub allow_any_local_user: bool,
+    /// Extra trusted CA certificates (PEM) besides the built-in roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Where the proxy listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProxyListen {
+    /// `unix:PATH`, bound with the agent socket's mode and group.
+    Unix(PathBuf),
+    /// `HOST:PORT` on a loopback address; port 0 picks a free port.
+    Tcp(std::net::SocketAddr),
+}
+
+/// Where the proxy forwards unless `upstream` says otherwise.
+pub const DEFAULT_PROXY_UPSTREAM: &str = "https://skykit-provisioning.appspot.com";
+/// How long the proxy waits for the upstream unless `timeout` says otherwise.
+pub const DEFAULT_PROXY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How old a token must be for a 401 to be retried with a new one, unless
+/// `retry_min_token_age` says otherwise: younger tokens are not the problem.
+pub const DEFAULT_PROXY_RETRY_MIN_TOKEN_AGE: std::time::Duration =
+    std::time::Duration::from_secs(60);
 
 /// The mode of a sink file unless `mode` says otherwise.
 pub const DEFAULT_SINK_MODE: u32 = 0o640;
@@ -262,6 +305,7 @@ pub fn load(overrides: &Overrides, env: &dyn Env, context: &Context) -> Result<C
             limits: parsed.limits,
             sinks: parsed.sinks,
             metrics: parsed.metrics,
+            proxy: parsed.proxy,
             identities,
         }),
         _ => Err(Problems(problems)),
@@ -319,6 +363,7 @@ struct FileSettings {
     limits: Limits,
     sinks: Vec<SinkConfig>,
     metrics: Option<MetricsListen>,
+    proxy: Option<ProxyConfig>,
     identities: Vec<IdentityConfig>,
     /// The file has `[[identity]]` sections, even if some were invalid.
     declares_identities: bool,
@@ -389,6 +434,10 @@ fn parse_file(
                 DeValue::Table(fields) => settings.metrics = parse_metrics(fields, base, &at, problems),
                 _ => problems.push(format!("{here}: `metrics` must be a table: write [metrics]")),
             },
+            "proxy" => match value.get_ref() {
+                DeValue::Table(fields) => settings.proxy = parse_proxy(fields, base, &at, &here, problems),
+                _ => problems.push(format!("{here}: `proxy` must be a table: write [proxy]")),
+            },
             "limits" => match value.get_ref() {
                 DeValue::Table(fields) => parse_limits(fields, &mut settings.limits, &at, problems),
                 _ => problems.push(format!("{here}: `limits` must be a table: write [limits]")),
@@ -428,6 +477,9 @@ fn parse_file(
     }
     check_duplicates(path, &raw, problems);
     check_sinks(path, &settings.sinks, &raw, problems);
+    if !settings.declares_identities || !raw.is_empty() {
+        check_proxy(path, settings.proxy.as_ref(), &raw, problems);
+    }
     let single = raw.len() == 1;
     settings.identities = raw
         .into_iter()
@@ -440,8 +492,7 @@ fn parse_file(
     settings
 }
 
-const TOP_LEVEL_KEYS: &str =
-    "socket, socket_mode, socket_group, require_locked_memory, limits, metrics, sink, identity";
+const TOP_LEVEL_KEYS: &str = "socket, socket_mode, socket_group, require_locked_memory, limits, metrics, proxy, sink, identity";
 const SINK_KEYS: &str = "path, identity, lifetime, mode, owner, group, format";
 
 /// Reads one `[[sink]]`.
@@ -603,6 +654,206 @@ fn parse_metrics(
     }
     listen
 }
+
+const PROXY_KEYS: &str =
+    "listen, upstream, identity, timeout, retry_min_token_age, allow_any_local_user, ca_file";
+
+/// Reads `[proxy]`; `here` is the table's line, for problems of the whole.
+fn parse_proxy(
+    fields: &DeTable<'_>,
+    base: &Path,
+    at: &dyn Fn(std::ops::Range<usize>) -> String,
+    here: &str,
+    problems: &mut Vec<String>,
+) -> Option<ProxyConfig> {
+    let before = problems.len();
+    let mut listen = None;
+    let mut upstream = None;
+    let mut identity = String::new();
+    let mut timeout = DEFAULT_PROXY_TIMEOUT;
+    let mut retry_min_token_age = DEFAULT_PROXY_RETRY_MIN_TOKEN_AGE;
+    let mut allow_any_local_user = false;
+    let mut ca_file = None;
+    for (field, value) in fields {
+        let where_ = at(field.span());
+        match field.get_ref().as_ref() {
+            "listen" => {
+                if let Some(text) = expect_str(value, &where_, "listen", problems) {
+                    match parse_proxy_listen(text, base) {
+                        Ok(parsed) => listen = Some(parsed),
+                        Err(problem) => problems.push(format!("{where_}: {problem}")),
+                    }
+                }
+            }
+            "upstream" => {
+                if let Some(text) = expect_str(value, &where_, "upstream", problems) {
+                    match parse_upstream(text) {
+                        Ok(parsed) => upstream = Some(parsed),
+                        Err(problem) => problems.push(format!("{where_}: {problem}")),
+                    }
+                }
+            }
+            "identity" => {
+                if let Some(text) = expect_str(value, &where_, "identity", problems) {
+                    identity = text.to_owned();
+                }
+            }
+            "timeout" => {
+                if let Some(parsed) = expect_duration(value, &where_, "timeout", problems) {
+                    timeout = parsed;
+                }
+            }
+            "retry_min_token_age" => {
+                if let Some(text) = expect_str(value, &where_, "retry_min_token_age", problems) {
+                    match duration::parse(text) {
+                        Ok(parsed) => retry_min_token_age = parsed,
+                        Err(error) => {
+                            problems.push(format!("{where_}: `retry_min_token_age`: {error}"))
+                        }
+                    }
+                }
+            }
+            "allow_any_local_user" => {
+                allow_any_local_user =
+                    expect_bool(value, &where_, "allow_any_local_user", problems).unwrap_or(false)
+            }
+            "ca_file" => {
+                if let Some(text) = expect_str(value, &where_, "ca_file", problems) {
+                    let path = base.join(text);
+                    match crate::proxy::read_ca_file(&path) {
+                        Ok(_) => ca_file = Some(path),
+                        Err(problem) => problems.push(format!("{where_}: `ca_file`: {problem}")),
+                    }
+                }
+            }
+            other => problems.push(format!(
+                "{where_}: unknown key `{other}` in [proxy]; expected one of: {PROXY_KEYS}"
+            )),
+        }
+    }
+    let Some(listen) = listen else {
+        if problems.len() == before {
+            problems.push(format!(
+                "{here}: [proxy] has no `listen`: add listen = \"unix:/run/skykit-agent/proxy.sock\" (or a loopback HOST:PORT)"
+            ));
+        }
+        return None;
+    };
+    if let ProxyListen::Tcp(address) = listen
+        && !allow_any_local_user
+    {
+        problems.push(format!(
+            "{here}: [proxy] listens on TCP {address}, where every local user can connect and the agent cannot tell who: set allow_any_local_user = true to accept that, or listen on unix:PATH, where the identity's allow_* policy applies"
+        ));
+    }
+    let upstream = match upstream {
+        Some(upstream) => upstream,
+        None => parse_upstream(DEFAULT_PROXY_UPSTREAM).ok()?,
+    };
+    (problems.len() == before).then_some(ProxyConfig {
+        listen,
+        upstream,
+        identity,
+        timeout,
+        retry_min_token_age,
+        allow_any_local_user,
+        ca_file,
+    })
+}
+
+/// `unix:PATH` (relative to the config file's folder) or a loopback
+/// `HOST:PORT`.
+fn parse_proxy_listen(text: &str, base: &Path) -> Result<ProxyListen, String> {
+    if let Some(path) = text.strip_prefix("unix:") {
+        if path.is_empty() {
+            return Err(
+                "proxy `listen` \"unix:\" names no path: write unix:/run/skykit-agent/proxy.sock"
+                    .to_owned(),
+            );
+        }
+        return Ok(ProxyListen::Unix(base.join(path)));
+    }
+    match text.parse::<std::net::SocketAddr>() {
+        Ok(address) if address.ip().is_loopback() => Ok(ProxyListen::Tcp(address)),
+        Ok(address) => Err(format!(
+            "proxy `listen` {address} is not a loopback address: use 127.0.0.1:PORT, [::1]:PORT or unix:PATH; the proxy hands out the agent's credentials and must not be reachable from other hosts"
+        )),
+        Err(_) => Err(format!(
+            "proxy `listen` {text:?} is neither unix:PATH nor HOST:PORT, such as \"unix:/run/skykit-agent/proxy.sock\" or \"127.0.0.1:8181\""
+        )),
+    }
+}
+
+/// An upstream origin: `https://HOST[:PORT]`, or `http://` to a loopback
+/// host only, since plain HTTP would carry the token in the clear.
+pub fn parse_upstream(text: &str) -> Result<hyper::Uri, String> {
+    let invalid = |why: &str| {
+        format!(
+            "proxy `upstream` {text:?} {why}: write an origin such as {DEFAULT_PROXY_UPSTREAM:?}"
+        )
+    };
+    let uri: hyper::Uri = text.parse().map_err(|_| invalid("is not a URL"))?;
+    let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
+        return Err(invalid("is not an absolute URL"));
+    };
+    if authority.as_str().contains('@') {
+        return Err(invalid("carries user info"));
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(invalid(
+            "has a path or query; the proxy forwards each request's own path",
+        ));
+    }
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match scheme {
+        "https" => Ok(uri),
+        "http" if loopback => Ok(uri),
+        "http" => Err(invalid(
+            "is plain http to a host that is not loopback, which would send the token in the clear; use https",
+        )),
+        _ => Err(invalid("is neither https nor http")),
+    }
+}
+
+/// The proxy names an existing identity (with no `[[identity]]` at all,
+/// the one the flags define).
+fn check_proxy(
+    path: &Path,
+    proxy: Option<&ProxyConfig>,
+    identities: &[RawIdentity],
+    problems: &mut Vec<String>,
+) {
+    let Some(proxy) = proxy else {
+        return;
+    };
+    if proxy.identity.is_empty() {
+        return;
+    }
+    // Without [[identity]] sections the flags define the one identity.
+    let mut names: Vec<&str> = identities
+        .iter()
+        .map(|raw| raw.identity.name.as_str())
+        .collect();
+    if names.is_empty() {
+        names.push(DEFAULT_IDENTITY);
+    }
+    if !names.contains(&proxy.identity.as_str()) {
+        problems.push(format!(
+            "{}: [proxy] names identity {:?}, which is not an [[identity]] here; it has: {}",
+            path.display(),
+            proxy.identity,
+            names.join(", ")
+        ));
+    }
+}
+
 const LIMIT_KEYS: &str = "max_message_bytes, max_concurrent_streams, max_calls_per_connection, request_timeout, keepalive_interval, keepalive_timeout, max_header_list_bytes, max_connections, handshake_timeout, new_signatures_per_uid_per_minute, drain_timeout";
 
 /// Reads `[limits]`; each value must be a positive integer or a duration

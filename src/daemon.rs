@@ -89,6 +89,15 @@ pub async fn run(
         tracing::warn!("benchmark mode: signing for every call, bypassing the cache");
         service = service.signing_every_call();
     }
+    // Bound before READY=1: a configured proxy that cannot listen stops
+    // the start (before any sink writes), like the agent's own socket.
+    let proxy = match &config.proxy {
+        Some(proxy) => Some(
+            crate::proxy::bind(proxy, socket_access(&config))
+                .context("cannot start the proxy ([proxy] in the config)")?,
+        ),
+        None => None,
+    };
     // The sinks write on their own tasks, so they may start before READY=1:
     // a sink that cannot be written is logged and retried, never fatal.
     let sinks = sink::start(
@@ -125,6 +134,7 @@ pub async fn run(
             }
         })
     });
+    let proxy = proxy.map(|proxy| tokio::spawn(proxy.run(service.clone(), registry.clone())));
     let reloader = tokio::spawn(reload_on_hangup(
         hangups,
         loader,
@@ -149,6 +159,11 @@ pub async fn run(
     watchdog.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
+    }
+    if let Some(proxy) = proxy {
+        proxy.abort();
+        // Dropping the task removes the proxy's socket file before we return.
+        let _ = proxy.await;
     }
     drop(bound);
     result?;
@@ -209,6 +224,15 @@ fn listen(
     Ok((listener, Some(bound)))
 }
 
+/// Who may connect to a socket the agent binds itself: the agent's socket,
+/// and the proxy's when it listens on one.
+fn socket_access(config: &Config) -> Access {
+    Access {
+        mode: config.socket_mode,
+        group: config.socket_group.as_ref().map(|group| group.gid),
+    }
+}
+
 /// What a reload replaces.
 struct Reloadable {
     registry: Arc<Registry>,
@@ -260,23 +284,33 @@ async fn reload(loader: &Loader, current: &mut Config, live: &Reloadable) -> Res
         .unwrap_or_else(|_| Err(LoadError::Keys(Vec::new())))?;
     warn_about_unreloadable(current, &config);
     let old = live.registry.current();
+    let removed: Vec<Arc<str>> = old
+        .iter()
+        .filter(|before| identities.resolve(&before.name).is_none())
+        .map(|identity| identity.name.clone())
+        .collect();
     let changed: Vec<Arc<str>> = old
         .iter()
         .filter(|before| {
-            identities.resolve(&before.name).is_none_or(|after| {
+            identities.resolve(&before.name).is_some_and(|after| {
                 after.key.key_id() != before.key.key_id() || after.issuer != before.issuer
             })
         })
         .map(|identity| identity.name.clone())
         .collect();
     live.registry.replace(identities);
-    // Tokens of a changed key or issuer must not be served any more.
+    // Tokens of a changed key or issuer must not be served any more; those
+    // of a removed identity go with it (and its watch streams end).
     for name in &changed {
         live.cache.forget(name);
+    }
+    for name in &removed {
+        live.cache.remove(name);
     }
     tracing::info!(
         identities = %describe(&live.registry.current()),
         dropped_from_cache = ?changed,
+        removed = ?removed,
         "reloaded"
     );
     *current = config;
@@ -293,6 +327,7 @@ fn warn_about_unreloadable(before: &Config, after: &Config) {
         ("socket_group", before.socket_group != after.socket_group),
         ("limits", before.limits != after.limits),
         ("metrics", before.metrics != after.metrics),
+        ("proxy", before.proxy != after.proxy),
         ("sink", before.sinks != after.sinks),
     ];
     for (setting, changed) in settings {

@@ -6,7 +6,8 @@
 //! flags, environment and file; `key` owns key material; `token` builds
 //! JWTs; `identity` holds the loaded identities; `cache` decides when to
 //! sign; `socket`, `peer` and `server` serve gRPC; `sink` keeps token
-//! files current; `client` reaches the agent. This library exists so
+//! files current; `proxy` forwards HTTP requests to Skykit API with a
+//! token attached; `client` reaches the agent. This library exists so
 //! `main` and the tests share code; it is not a public API.
 
 #![deny(unsafe_code)]
@@ -25,6 +26,7 @@ pub mod metrics;
 pub mod peer;
 pub mod policy;
 pub mod proto;
+pub mod proxy;
 pub mod server;
 pub mod signal;
 pub mod sink;

@@ -73,6 +73,12 @@ pub struct MeasureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StatusClassLabels {
+    /// `2xx`, `4xx`, ...: the status the proxy answered its client with.
+    pub status_class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SinkLabels {
     pub path: String,
 }
@@ -90,6 +96,9 @@ pub struct Metrics {
     pub open_connections: Gauge,
     pub watchers: Gauge,
     pub sink_write_failures: Family<SinkLabels, Counter>,
+    pub proxy_requests: Family<StatusClassLabels, Counter>,
+    pub proxy_request_seconds: Histogram,
+    pub proxy_retries: Counter,
     registry: Registry,
 }
 
@@ -117,6 +126,10 @@ impl Metrics {
             open_connections: Gauge::default(),
             watchers: Gauge::default(),
             sink_write_failures: Family::default(),
+            proxy_requests: Family::default(),
+            // 1 ms to ~30 s: a round trip to Skykit API, up to the timeout.
+            proxy_request_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            proxy_retries: Counter::default(),
             registry: Registry::default(),
         };
         // Registered metrics share their values with the fields above.
@@ -167,6 +180,21 @@ impl Metrics {
             "sink_write_failures",
             "Failed token file writes, by sink path",
             metrics.sink_write_failures.clone(),
+        );
+        r.register(
+            "proxy_requests",
+            "Requests the proxy answered, by the class of the status it answered with",
+            metrics.proxy_requests.clone(),
+        );
+        r.register(
+            "proxy_request_seconds",
+            "Time from a proxied request to its response headers, retry included",
+            metrics.proxy_request_seconds.clone(),
+        );
+        r.register(
+            "proxy_retries",
+            "Proxied requests sent again with a new token after the upstream answered 401",
+            metrics.proxy_retries.clone(),
         );
         Metrics {
             registry,

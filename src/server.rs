@@ -101,41 +101,17 @@ impl TokenService for Service {
         result
     }
 
-    type WatchTokenStream = std::pin::Pin<
-        Box<dyn futures_core::Stream<Item = Result<GetTokenResponse, Status>> + Send + 'static>,
-    >;
+    type WatchTokenStream = WatchStream;
 
     async fn watch_token(
         &self,
-        mut request: Request<WatchTokenRequest>,
+        request: Request<WatchTokenRequest>,
     ) -> Result<Response<Self::WatchTokenStream>, Status> {
-        let caller = take_caller(&mut request);
-        let request = request.into_inner();
-        let (identity, lifetime) = self.admit(&caller, &request.identity, request.lifetime)?;
-        let key = cache::Key {
-            identity: identity.name.clone(),
-            lifetime,
-        };
-        // Subscribe first, then read the current token: nothing signed in
-        // between can be missed.
-        let updates = self.cache.subscribe(&key, caller.peer);
-        let first = self
-            .cache
-            .get(&key, Duration::ZERO, caller.peer)
-            .await
-            .map_err(|error| Status::unavailable(error.to_string()))?;
-        tracing::debug!(identity = %identity.name, uid = caller.peer.uid, "watching");
-        let watch = Watch {
-            identity: identity.name.clone(),
-            first: Some(first),
-            last: None,
-            updates,
-            stopping: self.stopping.subscribe(),
-        };
-        Ok(Response::new(Box::pin(futures_util::stream::unfold(
-            watch,
-            Watch::next,
-        ))))
+        let result = self.watch(request).await;
+        if let Err(status) = &result {
+            metrics::global().refused(status.code());
+        }
+        result
     }
 
     async fn list_identities(
@@ -157,9 +133,18 @@ impl TokenService for Service {
     }
 }
 
+/// The stream WatchToken answers with.
+pub type WatchStream = std::pin::Pin<
+    Box<dyn futures_core::Stream<Item = Result<GetTokenResponse, Status>> + Send + 'static>,
+>;
+
 /// One WatchToken stream's state.
 struct Watch {
     identity: Arc<str>,
+    /// To tell a removed identity from other ends of the channel.
+    registry: Arc<Registry>,
+    /// The closing status was sent; the stream ends.
+    finished: bool,
     /// The token to send first.
     first: Option<Issued>,
     /// The token sent last, so a republished one is not sent twice.
@@ -172,28 +157,33 @@ impl Watch {
     /// The next message: the first token, each new one, or the closing
     /// status at shutdown (after which the stream ends).
     async fn next(mut self) -> Option<(Result<GetTokenResponse, Status>, Watch)> {
+        if self.finished {
+            return None;
+        }
         if let Some(first) = self.first.take() {
             self.last = Some(first.token.clone());
             return Some((Ok(response(&first, &self.identity)), self));
         }
-        if *self.stopping.borrow() {
-            return None;
-        }
         loop {
-            let stopping = tokio::select! {
-                changed = self.updates.changed() => {
-                    if changed.is_err() {
-                        return None;
-                    }
-                    false
-                }
-                _ = self.stopping.wait_for(|stopping| *stopping) => true,
+            if *self.stopping.borrow() {
+                return self.close(Status::unavailable(
+                    "the agent is shutting down: reconnect and watch again",
+                ));
+            }
+            let closed = tokio::select! {
+                changed = self.updates.changed() => changed.is_err(),
+                _ = self.stopping.wait_for(|stopping| *stopping) => continue,
             };
-            if stopping {
-                let status =
-                    Status::unavailable("the agent is shutting down: reconnect and watch again");
-                // The next poll sees `stopping` and ends the stream.
-                return Some((Err(status), self));
+            if closed {
+                let status = if self.registry.current().resolve(&self.identity).is_none() {
+                    Status::not_found(format!(
+                        "identity {:?} was removed from the agent's config",
+                        self.identity
+                    ))
+                } else {
+                    Status::unavailable("the token stream ended: watch again")
+                };
+                return self.close(status);
             }
             let Some(issued) = self.updates.borrow_and_update().clone() else {
                 continue;
@@ -208,6 +198,12 @@ impl Watch {
             self.last = Some(issued.token.clone());
             return Some((Ok(response(&issued, &self.identity)), self));
         }
+    }
+
+    /// Sends `status` as the stream's last message.
+    fn close(mut self, status: Status) -> Option<(Result<GetTokenResponse, Status>, Watch)> {
+        self.finished = true;
+        Some((Err(status), self))
     }
 }
 
@@ -400,6 +396,42 @@ impl Service {
         authorize(&identity, caller)?;
         let lifetime = requested_lifetime(&identity, lifetime)?;
         Ok((identity, lifetime))
+    }
+
+    /// WatchToken without its metrics; see [`TokenService::watch_token`].
+    async fn watch(
+        &self,
+        mut request: Request<WatchTokenRequest>,
+    ) -> Result<Response<WatchStream>, Status> {
+        let caller = take_caller(&mut request);
+        let request = request.into_inner();
+        let (identity, lifetime) = self.admit(&caller, &request.identity, request.lifetime)?;
+        let key = cache::Key {
+            identity: identity.name.clone(),
+            lifetime,
+        };
+        // Subscribe first, then read the current token: nothing signed in
+        // between can be missed.
+        let updates = self.cache.subscribe(&key, caller.peer);
+        let first = self
+            .cache
+            .get(&key, Duration::ZERO, caller.peer)
+            .await
+            .map_err(|error| Status::unavailable(error.to_string()))?;
+        tracing::debug!(identity = %identity.name, uid = caller.peer.uid, "watching");
+        let watch = Watch {
+            identity: identity.name.clone(),
+            registry: self.registry.clone(),
+            finished: false,
+            first: Some(first),
+            last: None,
+            updates,
+            stopping: self.stopping.subscribe(),
+        };
+        Ok(Response::new(Box::pin(futures_util::stream::unfold(
+            watch,
+            Watch::next,
+        ))))
     }
 
     /// GetToken without its metrics; see [`TokenService::get_token`].

@@ -510,3 +510,123 @@ fn a_sink_must_name_a_configured_identity() {
         &["[[sink]] /t names identity \"nope\"", "it has: default"],
     );
 }
+
+#[test]
+fn proxy_defaults_and_every_key_are_read() {
+    let setup = Setup::new();
+    setup.file("[proxy]\nlisten = \"unix:proxy.sock\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    let proxy = setup.load().unwrap().proxy.expect("a [proxy]");
+    assert_eq!(
+        proxy,
+        ProxyConfig {
+            listen: ProxyListen::Unix(setup.config_dir().join("proxy.sock")),
+            upstream: DEFAULT_PROXY_UPSTREAM.parse().unwrap(),
+            identity: String::new(),
+            timeout: DEFAULT_PROXY_TIMEOUT,
+            retry_min_token_age: DEFAULT_PROXY_RETRY_MIN_TOKEN_AGE,
+            allow_any_local_user: false,
+            ca_file: None,
+        }
+    );
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    fs::write(setup.config_dir().join("ca.pem"), ca.cert.pem()).unwrap();
+    setup.file(
+        r#"
+[proxy]
+listen = "[::1]:8181"
+upstream = "http://localhost:8080"
+identity = "ops"
+timeout = "1m"
+retry_min_token_age = "0s"
+allow_any_local_user = true
+ca_file = "ca.pem"
+[[identity]]
+name = "ops"
+issuer = "a@x.io"
+"#,
+    );
+    let proxy = setup.load().unwrap().proxy.expect("a [proxy]");
+    assert_eq!(
+        proxy.listen,
+        ProxyListen::Tcp("[::1]:8181".parse().unwrap())
+    );
+    assert_eq!(proxy.upstream.to_string(), "http://localhost:8080/");
+    assert_eq!(proxy.identity, "ops");
+    assert_eq!(proxy.timeout, std::time::Duration::from_secs(60));
+    assert_eq!(proxy.retry_min_token_age, std::time::Duration::ZERO);
+    assert!(proxy.allow_any_local_user);
+    assert_eq!(proxy.ca_file, Some(setup.config_dir().join("ca.pem")));
+    assert_eq!(setup.load().unwrap().metrics, None);
+}
+
+#[test]
+fn a_tcp_proxy_needs_allow_any_local_user() {
+    let setup = Setup::new();
+    setup.file("[[identity]]\nissuer = \"a@x.io\"\n[proxy]\nlisten = \"127.0.0.1:8181\"\n");
+    check(
+        &setup.problems(),
+        &[":3:", "127.0.0.1:8181", "set allow_any_local_user = true"],
+    );
+}
+
+#[test]
+fn bad_proxy_settings_are_problems_naming_the_line() {
+    let setup = Setup::new();
+    setup.file(
+        r#"[proxy]
+listen = "0.0.0.0:8181"
+upstream = "http://skykit.example"
+timeout = "0s"
+retry_min_token_age = "soon"
+allow_any_local_user = "yes"
+ca_file = "missing.pem"
+color = "blue"
+[[identity]]
+issuer = "a@x.io"
+"#,
+    );
+    let problems = setup.problems();
+    check(
+        &problems,
+        &[":2:", "0.0.0.0:8181 is not a loopback address"],
+    );
+    check(&problems, &[":3:", "plain http", "in the clear"]);
+    check(&problems, &[":4:", "`timeout` must be at least 1s"]);
+    check(&problems, &[":5:", "`retry_min_token_age`", "\"soon\""]);
+    check(
+        &problems,
+        &[":6:", "`allow_any_local_user` must be true or false"],
+    );
+    check(
+        &problems,
+        &[":7:", "`ca_file`", "missing.pem", "cannot read it"],
+    );
+    check(&problems, &[":8:", "unknown key `color` in [proxy]"]);
+    for (upstream, why) in [
+        ("https://user@host", "user info"),
+        ("https://host/base", "has a path or query"),
+        ("ftp://host", "neither https nor http"),
+        ("skykit", "not an absolute URL"),
+    ] {
+        let error = parse_upstream(upstream).unwrap_err();
+        assert!(error.contains(why), "{upstream}: {error}");
+    }
+    assert!(parse_upstream("http://127.0.0.1:8080").is_ok());
+    assert!(parse_upstream("http://[::1]:8080").is_ok());
+}
+
+#[test]
+fn the_proxy_must_name_a_configured_identity() {
+    let setup = Setup::new();
+    setup.file("[proxy]\nlisten = \"unix:p.sock\"\nidentity = \"nope\"\n[[identity]]\nissuer = \"a@x.io\"\n");
+    check(
+        &setup.problems(),
+        &["[proxy] names identity \"nope\"", "it has: default"],
+    );
+    setup.file("[proxy]\nlisten = \"unix:p.sock\"\nidentity = \"default\"\n");
+    let mut setup = setup;
+    setup.overrides.issuer = Some("a@x.io".into());
+    assert!(setup.load().is_ok(), "the flags define `default`");
+    setup.file("[proxy]\nidentity = \"default\"\n");
+    check(&setup.problems(), &[":1:", "[proxy] has no `listen`"]);
+}

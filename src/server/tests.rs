@@ -47,6 +47,7 @@ async fn start() -> Running {
         limits: crate::limits::Limits::default(),
         sinks: Vec::new(),
         metrics: None,
+        proxy: None,
         identities: vec![IdentityConfig {
             name: "default".into(),
             issuer: "test@example.com".into(),
