@@ -20,6 +20,15 @@ export interface ClientOptions {
    * defaults to "localhost".
    */
   grpcOptions?: Record<string, unknown>;
+  /**
+   * Keep the cache current with background watches: after the first
+   * getToken of an (identity, lifetime), a WatchToken stream stays open for
+   * it (reconnecting after the agent restarts) and getToken answers from the
+   * latest pushed token. While that watch is down, getToken caches as
+   * without it. The open stream keeps the process alive: call close() when
+   * done. Default: false.
+   */
+  watch?: boolean;
 }
 
 export interface GetTokenOptions {
@@ -29,6 +38,20 @@ export interface GetTokenOptions {
   lifetime?: number | null;
   /** The least time, in seconds, the returned token must stay valid. Unset: 0. */
   minValidFor?: number | null;
+}
+
+export interface WatchTokenOptions {
+  /** Identity (an [[identity]] name in the agent's config). Unset or "": the agent's default identity. */
+  identity?: string | null;
+  /** Token lifetime (exp - iat) in whole seconds, 60..3600. Unset: the identity's default. */
+  lifetime?: number | null;
+  /**
+   * After a first token, watch again when the agent goes away (shutdown,
+   * lost connection), with backoff from 100 ms to 5 s, instead of rejecting
+   * with AgentShuttingDownError. Refusals (NotFoundError,
+   * InvalidArgumentError, PermissionDeniedError) still reject. Default: false.
+   */
+  reconnect?: boolean;
 }
 
 /** What Token#toJSON() returns: the fields with the token redacted. */
@@ -66,6 +89,25 @@ export class Token {
   toString(): string;
 }
 
+/**
+ * An async iterator of the tokens the agent pushes for one (identity,
+ * lifetime): the current one at once, then each replacement as soon as the
+ * agent signs it. `return()` (called by `break` in `for await`) and
+ * `close()` cancel the stream.
+ */
+export class TokenWatch implements AsyncIterableIterator<Token> {
+  private constructor();
+  /** Whether the watch has ended (close(), return(), an error, or the client closed). */
+  readonly closed: boolean;
+  /** The next token; `{ done: true }` once the watch is closed. */
+  next(): Promise<IteratorResult<Token, undefined>>;
+  /** Closes the watch. */
+  return(): Promise<IteratorReturnResult<undefined>>;
+  /** Closes the watch (cancels the stream); pending and later next() calls give `{ done: true }`. */
+  close(): void;
+  [Symbol.asyncIterator](): TokenWatch;
+}
+
 export class Client {
   constructor(options?: ClientOptions);
   /** The socket path in use once connected, else null. */
@@ -76,7 +118,13 @@ export class Client {
    * from the agent.
    */
   getToken(options?: GetTokenOptions): Promise<Token>;
-  /** Closes the connection to the agent; later getToken calls reject. */
+  /**
+   * Watches the tokens of an identity and lifetime. Nothing is sent before
+   * the first next(). next() rejects with getToken's errors, and with
+   * AgentShuttingDownError when the agent stops (unless `reconnect`).
+   */
+  watchToken(options?: WatchTokenOptions): TokenWatch;
+  /** Closes the connection to the agent and ends its watches; later getToken calls reject. */
   close(): void;
 }
 
@@ -123,3 +171,9 @@ export class PermissionDeniedError extends SkykitAgentError {}
 
 /** UNAVAILABLE from the agent itself: it is running but could not sign a token. */
 export class UnavailableError extends SkykitAgentError {}
+
+/**
+ * A token watch ended because the agent is shutting down or the connection
+ * to it was lost (code "UNAVAILABLE"): watch again once it is back.
+ */
+export class AgentShuttingDownError extends UnavailableError {}

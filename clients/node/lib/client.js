@@ -9,7 +9,8 @@ const protoLoader = require('@grpc/proto-loader');
 
 const { candidates, NAMED_BY_SYSTEM } = require('./discovery');
 const errors = require('./errors');
-const { Token } = require('./token');
+const { fromResponse } = require('./token');
+const { TokenWatch } = require('./watch');
 
 const PROTO_DIR = path.join(__dirname, '..', 'proto');
 const PROTO_FILE = 'skykit/agent/v1/agent.proto';
@@ -98,35 +99,48 @@ function toDuration(seconds, name) {
   return { seconds: whole, nanos };
 }
 
-function toDate(timestamp) {
-  if (!timestamp) return null;
-  return new Date(Number(timestamp.seconds) * 1000 + Math.floor(Number(timestamp.nanos || 0) / 1e6));
-}
-
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpc.status).map(([name, code]) => [code, name]));
+
+/**
+ * With a background watch up (watch: true), how long past a cached token's
+ * refreshAfter it is still served while the agent's replacement is on its
+ * way, before getToken asks the agent itself.
+ */
+const PUSH_GRACE_MS = 5_000;
+
+function checkIdentity(identity) {
+  if (identity !== undefined && identity !== null && typeof identity !== 'string') {
+    throw new TypeError('identity must be a string');
+  }
+}
 
 /**
  * A client of skykit-agent. It finds the agent's socket on first use
  * (see candidates()), and caches the last token per (identity, lifetime)
- * until the agent's refreshAfter.
+ * until the agent's refreshAfter (with `watch: true`, the latest token the
+ * agent pushed).
  */
 class Client {
   #socket;
   #env;
   #timeoutMs;
   #grpcOptions;
+  #watch;
   #stub = null;
   #target = null; // {path, namedBy} of the connected socket
   #connecting = null;
   #closed = false;
-  #cache = new Map();
+  #cache = new Map(); // key -> {token, pushed}
+  #feeds = new Map(); // key -> {watch, live}: the background watches of watch: true
+  #watches = new Set(); // open TokenWatches, ended by close()
+  #hooks; // what a TokenWatch uses of this client
 
   /**
    * @param {{socket?: string, env?: Record<string, string|undefined>,
-   *          timeoutMs?: number, grpcOptions?: object}} [options]
+   *          timeoutMs?: number, grpcOptions?: object, watch?: boolean}} [options]
    */
   constructor(options = {}) {
-    const { socket, env, timeoutMs, grpcOptions } = options || {};
+    const { socket, env, timeoutMs, grpcOptions, watch } = options || {};
     if (socket !== undefined && socket !== null && typeof socket !== 'string') {
       throw new TypeError('socket must be a string path');
     }
@@ -134,6 +148,17 @@ class Client {
     this.#env = env ?? process.env;
     this.#timeoutMs = timeoutMs ?? DEFAULT_TIMEOUT_MS;
     this.#grpcOptions = grpcOptions ?? {};
+    this.#watch = Boolean(watch);
+    this.#hooks = {
+      timeoutMs: this.#timeoutMs,
+      open: (request, watch) => this.#openWatch(request, watch),
+      mapError: (error, target) => this.#mapError(error, target),
+      lost: (stub) => {
+        // A later call starts over on a new channel (unless one did already).
+        if (this.#stub === stub) this.#reset();
+      },
+      closed: (watch) => this.#watches.delete(watch),
+    };
   }
 
   /** The socket path in use once connected, else null. */
@@ -150,9 +175,7 @@ class Client {
    */
   async getToken(options = {}) {
     const { identity, lifetime, minValidFor } = options || {};
-    if (identity !== undefined && identity !== null && typeof identity !== 'string') {
-      throw new TypeError('identity must be a string');
-    }
+    checkIdentity(identity);
     const request = {
       identity: identity ?? '',
       lifetime: toDuration(lifetime, 'lifetime'),
@@ -165,22 +188,91 @@ class Client {
     const now = Date.now();
     if (
       cached &&
-      now < cached.refreshAfter.getTime() &&
-      (minValidFor === undefined || minValidFor === null || cached.expiresAt.getTime() - now >= minValidFor * 1000)
+      (minValidFor === undefined || minValidFor === null || cached.token.expiresAt.getTime() - now >= minValidFor * 1000)
     ) {
-      return cached;
+      const refreshAfter = cached.token.refreshAfter.getTime();
+      if (now < refreshAfter) return cached.token;
+      // A live watch delivers the replacement at refreshAfter.
+      if (cached.pushed && this.#feeds.get(key)?.live && now < refreshAfter + PUSH_GRACE_MS) return cached.token;
     }
 
     const token = await this.#call(request);
-    this.#cache.set(key, token);
+    // An answer that crossed a pushed token (e.g. one from a key rotated
+    // meanwhile) does not replace a newer or as new one.
+    const current = this.#cache.get(key);
+    if (!(current?.pushed && this.#feeds.get(key)?.live && current.token.issuedAt >= token.issuedAt)) {
+      this.#cache.set(key, { token, pushed: false });
+    }
+    if (this.#watch && !this.#closed && !this.#feeds.has(key)) this.#startFeed(key, request);
     return token;
   }
 
-  /** Closes the connection to the agent. Later getToken calls fail. */
+  /**
+   * Watches the tokens of an identity and lifetime: an async iterator of
+   * Tokens, the current one at once, then each replacement as soon as the
+   * agent signs it (at its refresh point, or right after a key rotation).
+   *
+   *   for await (const token of client.watchToken({ lifetime: 600 })) use(token);
+   *
+   * @param {{identity?: string, lifetime?: number, reconnect?: boolean}} [options]
+   *   reconnect: after a first token, watch again when the agent goes away
+   *   (backoff 100 ms to 5 s) instead of rejecting with AgentShuttingDownError.
+   * @returns {TokenWatch}
+   */
+  watchToken(options = {}) {
+    const { identity, lifetime, reconnect } = options || {};
+    checkIdentity(identity);
+    const request = { identity: identity ?? '', lifetime: toDuration(lifetime, 'lifetime') };
+    return new TokenWatch(this.#hooks, request, { reconnect: Boolean(reconnect) });
+  }
+
+  /** Closes the connection to the agent and ends its watches. Later getToken calls fail. */
   close() {
     this.#closed = true;
+    for (const watch of [...this.#watches]) watch.close();
+    this.#feeds.clear();
     this.#cache.clear();
     this.#reset();
+  }
+
+  /** Starts the background watch of a cache key (watch: true). */
+  #startFeed(key, { identity, lifetime }) {
+    const feed = { live: false, watch: null };
+    feed.watch = new TokenWatch(
+      this.#hooks,
+      { identity, lifetime },
+      {
+        reconnect: true,
+        onState: (up) => {
+          feed.live = up;
+        },
+      },
+    );
+    this.#feeds.set(key, feed);
+    this.#watches.add(feed.watch);
+    (async () => {
+      try {
+        for await (const token of feed.watch) {
+          if (this.#feeds.get(key) === feed) this.#cache.set(key, { token, pushed: true });
+        }
+      } catch {
+        // E.g. the identity is gone after a reload, or the first watch
+        // failed: getToken caches without the watch, and starts a new one
+        // after its next call to the agent.
+      } finally {
+        feed.live = false;
+        feed.watch.close();
+        if (this.#feeds.get(key) === feed) this.#feeds.delete(key);
+      }
+    })();
+  }
+
+  async #openWatch(request, watch) {
+    if (this.#closed) throw new errors.SkykitAgentError('the skykit-agent client is closed');
+    const stub = await this.#connect();
+    if (this.#closed) throw new errors.SkykitAgentError('the skykit-agent client is closed');
+    if (!watch.closed) this.#watches.add(watch);
+    return { call: stub.watchToken(request), stub, target: this.#target };
   }
 
   #reset() {
@@ -241,15 +333,7 @@ class Client {
     } catch (error) {
       throw await this.#mapError(error, target);
     }
-    return new Token({
-      token: response.token,
-      issuedAt: toDate(response.issuedAt),
-      expiresAt: toDate(response.expiresAt),
-      refreshAfter: toDate(response.refreshAfter),
-      issuer: response.issuer,
-      identity: response.identity,
-      keyId: response.keyId,
-    });
+    return fromResponse(response);
   }
 
   async #mapError(error, target) {
@@ -285,4 +369,4 @@ class Client {
   }
 }
 
-module.exports = { Client, LOADER_OPTIONS, PROTO_DIR, PROTO_FILE, tokenServiceClass };
+module.exports = { Client, LOADER_OPTIONS, PROTO_DIR, PROTO_FILE, PUSH_GRACE_MS, tokenServiceClass };

@@ -52,6 +52,14 @@ class PermissionDeniedError extends SkykitAgentError {}
 /** The agent is running but could not issue a token (UNAVAILABLE from the agent itself, e.g. signing failed). */
 class UnavailableError extends SkykitAgentError {}
 
+/**
+ * A token watch ended because the agent went away: it is shutting down (it
+ * ended the stream with UNAVAILABLE, "reconnect and watch again") or the
+ * connection to it was lost. `code` is "UNAVAILABLE". Watch again once the
+ * agent is back (`watchToken({ reconnect: true })` does this itself).
+ */
+class AgentShuttingDownError extends UnavailableError {}
+
 module.exports = {
   SkykitAgentError,
   AgentUnreachableError,
@@ -59,4 +67,5 @@ module.exports = {
   NotFoundError,
   PermissionDeniedError,
   UnavailableError,
+  AgentShuttingDownError,
 };

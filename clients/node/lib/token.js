@@ -75,4 +75,23 @@ function isoOrNull(date) {
   return date instanceof Date ? date.toISOString() : null;
 }
 
-module.exports = { Token, REDACTED };
+/** A google.protobuf.Timestamp as a Date (millisecond precision), or null. */
+function toDate(timestamp) {
+  if (!timestamp) return null;
+  return new Date(Number(timestamp.seconds) * 1000 + Math.floor(Number(timestamp.nanos || 0) / 1e6));
+}
+
+/** The Token of a GetTokenResponse (what GetToken and WatchToken send). */
+function fromResponse(response) {
+  return new Token({
+    token: response.token,
+    issuedAt: toDate(response.issuedAt),
+    expiresAt: toDate(response.expiresAt),
+    refreshAfter: toDate(response.refreshAfter),
+    issuer: response.issuer,
+    identity: response.identity,
+    keyId: response.keyId,
+  });
+}
+
+module.exports = { Token, REDACTED, fromResponse, toDate };

@@ -13,6 +13,11 @@ const path = require('node:path');
 const { once } = require('node:events');
 const { setTimeout: sleep } = require('node:timers/promises');
 
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+
+const { LOADER_OPTIONS, PROTO_FILE } = require('../lib/client');
+
 const ISSUER = 'test@example.com';
 const START_DEADLINE_MS = 20_000;
 const STOP_DEADLINE_MS = 10_000;
@@ -68,53 +73,101 @@ async function startAgent(options = {}) {
   const socket = options.socket ?? path.join(dir, 'agent.sock');
   fs.mkdirSync(path.dirname(socket), { recursive: true });
   const logPath = path.join(dir, 'agent.log');
-  const log = fs.openSync(logPath, 'w');
-  const child = spawn(
-    bin,
-    ['serve', '--config', config, '--socket', socket, '--key', path.join(dir, 'private.pem'), '--issuer', ISSUER],
-    { env, stdio: ['ignore', log, log] },
-  );
-  fs.closeSync(log);
-  let exited = null;
-  const exit = once(child, 'exit').then(([code, signal]) => {
-    exited = { code, signal };
-  });
   const readLog = () => (fs.existsSync(logPath) ? fs.readFileSync(logPath, 'utf8') : '');
 
-  const deadline = Date.now() + START_DEADLINE_MS;
-  for (;;) {
-    if (exited) {
-      fs.rmSync(dir, { recursive: true, force: true });
-      throw new Error(`skykit-agent serve exited (${JSON.stringify(exited)}) before listening on ${socket}:\n${readLog()}`);
+  // The running process: {child, exit, exited(), stopped}.
+  let running = null;
+  async function serve() {
+    const log = fs.openSync(logPath, 'a');
+    const child = spawn(
+      bin,
+      ['serve', '--config', config, '--socket', socket, '--key', path.join(dir, 'private.pem'), '--issuer', ISSUER],
+      { env, stdio: ['ignore', log, log] },
+    );
+    fs.closeSync(log);
+    let exited = null;
+    const exit = once(child, 'exit').then(([code, signal]) => {
+      exited = { code, signal };
+    });
+    const deadline = Date.now() + START_DEADLINE_MS;
+    for (;;) {
+      if (exited) {
+        throw new Error(`skykit-agent serve exited (${JSON.stringify(exited)}) before listening on ${socket}:\n${readLog()}`);
+      }
+      if (await connectOnce(socket)) break;
+      if (Date.now() > deadline) {
+        child.kill('SIGKILL');
+        await exit;
+        throw new Error(`skykit-agent did not listen on ${socket} within ${START_DEADLINE_MS} ms:\n${readLog()}`);
+      }
+      await sleep(25);
     }
-    if (await connectOnce(socket)) break;
-    if (Date.now() > deadline) {
-      child.kill('SIGKILL');
-      await exit;
-      const text = readLog();
-      fs.rmSync(dir, { recursive: true, force: true });
-      throw new Error(`skykit-agent did not listen on ${socket} within ${START_DEADLINE_MS} ms:\n${text}`);
-    }
-    await sleep(25);
+    running = { child, exit, exited: () => exited, stopped: false };
+  }
+  try {
+    await serve();
+  } catch (error) {
+    fs.rmSync(dir, { recursive: true, force: true });
+    throw error;
   }
 
-  const publicKey = fs.readFileSync(path.join(dir, 'public.pem'), 'utf8');
-  let stopped = false;
+  let rotations = 0;
   return {
     dir,
     socket,
-    publicKey,
-    child,
+    publicKey: fs.readFileSync(path.join(dir, 'public.pem'), 'utf8'),
+    /** The agent's process (a new one after start()). */
+    get child() {
+      return running.child;
+    },
     log: readLog,
+    /** Starts the agent again after stop(), on the same socket and key file. */
+    async start() {
+      if (running && !running.stopped) throw new Error('the agent is running');
+      await serve();
+    },
     /** Stops the agent with SIGTERM and waits for it to exit. */
     async stop() {
-      if (stopped) return;
-      stopped = true;
-      if (!exited) {
-        child.kill('SIGTERM');
-        const timer = setTimeout(() => child.kill('SIGKILL'), STOP_DEADLINE_MS);
-        await exit;
+      const current = running;
+      if (!current || current.stopped) return;
+      current.stopped = true;
+      if (!current.exited()) {
+        current.child.kill('SIGTERM');
+        const timer = setTimeout(() => current.child.kill('SIGKILL'), STOP_DEADLINE_MS);
+        await current.exit;
         clearTimeout(timer);
+      }
+    },
+    /**
+     * Replaces the key file with a new key (atomically, mode 0600) and, with
+     * `reload`, sends SIGHUP so that the agent signs with it. Returns the new
+     * public key (also `publicKey` from now on).
+     */
+    rotate({ reload = true } = {}) {
+      rotations += 1;
+      const next = path.join(dir, `key-${rotations}`);
+      fs.mkdirSync(next);
+      execFileSync(bin, ['keygen', '--out', next], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+      fs.renameSync(path.join(next, 'private.pem'), path.join(dir, 'private.pem'));
+      this.publicKey = fs.readFileSync(path.join(next, 'public.pem'), 'utf8');
+      if (reload) {
+        assert.ok(running && !running.exited(), 'the agent is running');
+        running.child.kill('SIGHUP');
+      }
+      return this.publicKey;
+    },
+    /** The agent's GetStatus answer (AgentService; root or the agent's uid may ask). */
+    status() {
+      return agentStatus(socket);
+    },
+    /** Polls GetStatus until the agent counts `count` watchers. */
+    async waitForWatchers(count, deadlineMs = 10_000) {
+      const deadline = Date.now() + deadlineMs;
+      for (;;) {
+        const { watchers } = await agentStatus(socket);
+        if (watchers === count) return;
+        if (Date.now() > deadline) throw new Error(`the agent counts ${watchers} watchers, not ${count}, after ${deadlineMs} ms`);
+        await sleep(20);
       }
     },
     /** Stops the agent and removes its temp dir. */
@@ -123,6 +176,26 @@ async function startAgent(options = {}) {
       fs.rmSync(dir, { recursive: true, force: true });
     },
   };
+}
+
+let agentServiceClass;
+
+/** GetStatus of the agent on `socketPath`, over a channel of its own. */
+function agentStatus(socketPath) {
+  if (!agentServiceClass) {
+    const definition = protoLoader.loadSync(PROTO_FILE, LOADER_OPTIONS);
+    agentServiceClass = grpc.loadPackageDefinition(definition).skykit.agent.v1.AgentService;
+  }
+  const stub = new agentServiceClass(`unix:${path.resolve(socketPath)}`, grpc.credentials.createInsecure(), {
+    'grpc.default_authority': 'localhost',
+  });
+  return new Promise((resolve, reject) => {
+    stub.getStatus({}, { deadline: Date.now() + 10_000 }, (error, value) => {
+      stub.close();
+      if (error) reject(error);
+      else resolve(value);
+    });
+  });
 }
 
 const HEADER = '{"alg":"RS256","typ":"JWT"}';
@@ -203,12 +276,18 @@ async function staleSocket(socketPath) {
   return socketPath;
 }
 
-/** A gRPC call counter to pass as Client's grpcOptions.interceptors. */
+/**
+ * A gRPC call counter to pass as Client's grpcOptions.interceptors: `calls`
+ * counts every call, `byMethod` each method's ('GetToken', 'WatchToken').
+ */
 function callCounter() {
   const counter = {
     calls: 0,
+    byMethod: {},
     interceptor(options, nextCall) {
       counter.calls += 1;
+      const method = String(options.method_definition.path).split('/').pop();
+      counter.byMethod[method] = (counter.byMethod[method] ?? 0) + 1;
       return nextCall(options);
     },
   };
@@ -226,4 +305,6 @@ module.exports = {
   untilSecondAfter,
   staleSocket,
   callCounter,
+  agentStatus,
+  sleep,
 };

@@ -5,12 +5,17 @@
     token = Client().get_token()          # cached until the agent's refresh_after
     headers = {"Authorization": f"Bearer {token.token}"}
 
+    for token in Client().watch_token():  # each new token as the agent signs it
+        ...
+
 With requests: ``requests.get(url, auth=skykit_agent.requests.SkykitAuth())``.
 """
 
 from ._client import AUTHORITY, Client, Token
+from ._watch import TokenWatch
 from ._discovery import SYSTEM_SOCKET, candidates
 from ._errors import (
+    AgentShuttingDown,
     AgentUnreachable,
     Attempt,
     Candidate,
@@ -25,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AUTHORITY",
+    "AgentShuttingDown",
     "AgentUnreachable",
     "Attempt",
     "Candidate",
@@ -36,5 +42,6 @@ __all__ = [
     "SkykitAgentError",
     "SocketPermissionDenied",
     "Token",
+    "TokenWatch",
     "candidates",
 ]

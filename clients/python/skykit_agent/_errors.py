@@ -68,6 +68,13 @@ class PermissionDenied(SkykitAgentError):
     (as :class:`SocketPermissionDenied`) the socket may not be opened."""
 
 
+class AgentShuttingDown(SkykitAgentError):
+    """A token watch ended because the agent went away: it is shutting down
+    (the stream ended with UNAVAILABLE, "reconnect and watch again") or the
+    connection to it was lost. ``code`` is ``UNAVAILABLE``. Watch again once
+    the agent is back (``watch_token(reconnect=True)`` does this itself)."""
+
+
 class SocketPermissionDenied(AgentUnreachable, PermissionDenied):
     """The agent's socket exists but this uid may not connect to it.
 

@@ -19,9 +19,12 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding
+
+from skykit_agent._proto.skykit.agent.v1 import agent_pb2, agent_pb2_grpc
 
 ISSUER = "test@example.com"
 START_DEADLINE = 20.0
@@ -65,6 +68,7 @@ class Agent:
         self.public_pem = (directory / "public.pem").read_bytes()
         self.stderr_path = directory / "agent.stderr"
         self.process: Optional[subprocess.Popen] = None
+        self.rotations = 0
 
     def start(self) -> "Agent":
         with open(self.stderr_path, "ab") as stderr:
@@ -124,6 +128,49 @@ class Agent:
             return self.stderr_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def rotate(self, reload: bool = True) -> bytes:
+        """Replaces the key file with a new key (atomically, mode 0600) and,
+        with ``reload``, sends SIGHUP so that the agent signs with it.
+        Returns the new public key (also in ``public_pem`` from now on)."""
+        self.rotations += 1
+        new = self.dir / f"key-{self.rotations}"
+        new.mkdir()
+        subprocess.run(
+            [self.bin, "keygen", "--out", str(new)],
+            check=True,
+            stdout=subprocess.DEVNULL,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.dir)},
+        )
+        os.replace(new / "private.pem", self.dir / "private.pem")
+        self.private_pem = (self.dir / "private.pem").read_bytes()
+        self.public_pem = (new / "public.pem").read_bytes()
+        if reload:
+            assert self.process is not None and self.process.poll() is None
+            self.process.send_signal(signal.SIGHUP)
+        return self.public_pem
+
+    def status(self):
+        """The agent's GetStatus answer (AgentService; root or the agent's uid)."""
+        channel = grpc.insecure_channel(
+            "unix:" + str(self.socket), options=[("grpc.default_authority", "localhost")]
+        )
+        try:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            return stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+        finally:
+            channel.close()
+
+    def wait_for_watchers(self, count: int, deadline: float = 10.0) -> None:
+        """Polls GetStatus until the agent counts ``count`` watchers."""
+        end = time.monotonic() + deadline
+        while True:
+            watchers = self.status().watchers
+            if watchers == count:
+                return
+            if time.monotonic() > end:
+                pytest.fail(f"the agent counts {watchers} watchers, not {count}, after {deadline} s")
+            time.sleep(0.02)
 
 
 @pytest.fixture

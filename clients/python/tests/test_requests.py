@@ -127,3 +127,24 @@ def test_skykit_auth_raises_the_clients_errors(agent, api):
 def test_skykit_auth_refuses_unknown_arguments():
     with pytest.raises(TypeError):
         SkykitAuth(lifetme=600)
+
+
+def test_skykit_auth_with_watch_uses_a_shared_watching_client(agent, api, monkeypatch):
+    monkeypatch.setenv("SKYKIT_AGENT_SOCKET", str(agent.socket))
+    monkeypatch.setattr(skykit_requests, "_watching_client", None)
+    url, seen = api
+    auth = SkykitAuth(watch=True, lifetime=1000)
+    try:
+        for _ in range(3):
+            assert requests.get(url, auth=auth, timeout=10).status_code == 200
+        assert seen[-1] == seen[-2] == seen[-3]
+        shared = skykit_requests._watching_client
+        assert shared is not None and shared is not skykit_requests._default_client
+        assert "watch=True" in repr(shared) and "watch=True" in repr(auth)
+        agent.wait_for_watchers(1)
+    finally:
+        if skykit_requests._watching_client is not None:
+            skykit_requests._watching_client.close()
+    agent.wait_for_watchers(0)
+    with pytest.raises(TypeError, match="watch=True"):
+        SkykitAuth(Client(agent.socket), watch=True)

@@ -13,6 +13,8 @@ import {
   NotFoundError,
   PermissionDeniedError,
   UnavailableError,
+  AgentShuttingDownError,
+  TokenWatch,
   SYSTEM_SOCKET,
 } from 'skykit-agent-client';
 
@@ -35,6 +37,37 @@ async function use(): Promise<string> {
   await client.getToken({ lifetimeSeconds: 600 });
   // @ts-expect-error the token is read-only
   token.token = 'x';
+
+  const watching = new Client({ socket: '/run/skykit-agent/agent.sock', watch: true });
+  await watching.getToken();
+  const watch: TokenWatch = client.watchToken({ identity: 'default', lifetime: 600, reconnect: true });
+  for await (const pushed of watch) {
+    const pushedJwt: string = pushed.token;
+    if (pushedJwt) break;
+  }
+  const step: IteratorResult<Token, undefined> = await client.watchToken().next();
+  if (!step.done) {
+    const value: Token = step.value;
+    void value;
+  }
+  const ended: boolean = watch.closed;
+  watch.close();
+  await watch.return();
+  const iterable: AsyncIterable<Token> = client.watchToken({});
+  void iterable;
+  void ended;
+  // @ts-expect-error a watch has no minValidFor
+  client.watchToken({ minValidFor: 60 });
+  // @ts-expect-error reconnect is a boolean
+  client.watchToken({ reconnect: 'yes' });
+  try {
+    await watch.next();
+  } catch (error) {
+    if (error instanceof AgentShuttingDownError) {
+      const unavailable: UnavailableError = error;
+      void unavailable;
+    }
+  }
 
   const list: Candidate[] = candidates(null, { SKYKIT_AGENT_SOCKET: '/tmp/agent.sock' });
   const first: string = list[0].path;
