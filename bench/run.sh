@@ -113,8 +113,8 @@ start_agent() {
     --key "$WORK/key/private.pem" --issuer "$ISSUER" "$@"
 }
 
-rm -rf "$OUT"
 mkdir -p "$OUT"
+rm -f "$OUT"/*.json "$OUT"/*.log "$OUT"/table.md
 "$AGENT" keygen --out "$WORK/key" >/dev/null
 
 LOAD=(--connections "$CONNECTIONS" --in-flight "$IN_FLIGHT" --threads "$CPUS" --json)

@@ -269,13 +269,16 @@ impl<S: Signer, C: Clock> Cache<S, C> {
         let mut receiver = {
             let now = (self.shared.clock.wall(), self.shared.clock.mono());
             let mut entries = self.shared.lock();
+            // The hit path hashes the key once and clones nothing; only a
+            // new lifetime makes room and inserts.
             let new_lifetime = !entries.contains_key(key);
             if new_lifetime {
                 self.make_room(&mut entries, &key.identity, now.1);
+                entries.insert(key.clone(), Entry::new(now.1));
             }
-            let entry = entries
-                .entry(key.clone())
-                .or_insert_with(|| Entry::new(now.1));
+            let Some(entry) = entries.get_mut(key) else {
+                unreachable!("the entry was just inserted under the same lock");
+            };
             entry.last_used = now.1;
             // The caller forces this signature (and pays from its budget)
             // with a new lifetime, or with a min_valid_for that a token

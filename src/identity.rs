@@ -25,6 +25,10 @@ pub struct Identity {
     pub lifetime: Lifetime,
     /// Who may use it.
     pub policy: Policy,
+    /// Its `tokens_issued` counters, resolved once so the hot path only
+    /// increments an atomic.
+    pub issued_cached: prometheus_client::metrics::counter::Counter,
+    pub issued_fresh: prometheus_client::metrics::counter::Counter,
 }
 
 /// The full set of identities, loaded and self-tested.
@@ -121,7 +125,22 @@ fn load_one(config: &IdentityConfig, require_locked_memory: bool) -> Result<Iden
         key: Arc::new(key),
         lifetime: config.lifetime,
         policy: config.policy.clone(),
+        issued_cached: issued_counter(&config.name, "cached"),
+        issued_fresh: issued_counter(&config.name, "fresh"),
     })
+}
+
+fn issued_counter(
+    identity: &str,
+    source: &'static str,
+) -> prometheus_client::metrics::counter::Counter {
+    crate::metrics::global()
+        .tokens_issued
+        .get_or_create(&crate::metrics::IssuedLabels {
+            identity: crate::metrics::Name(identity.into()),
+            source,
+        })
+        .clone()
 }
 
 /// The live identities, shared by the server and the cache's signer.

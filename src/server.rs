@@ -468,13 +468,11 @@ impl Service {
             )),
             cache::Error::Unavailable { .. } => Status::unavailable(error.to_string()),
         })?;
-        metrics::global()
-            .tokens_issued
-            .get_or_create(&metrics::IssuedLabels {
-                identity: metrics::Name(identity.name.clone()),
-                source: if issued.fresh { "fresh" } else { "cached" },
-            })
-            .inc();
+        if issued.fresh {
+            identity.issued_fresh.inc();
+        } else {
+            identity.issued_cached.inc();
+        }
         tracing::debug!(
             identity = %identity.name,
             lifetime_secs = lifetime.secs(),
