@@ -20,7 +20,7 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, ChildStdin, Command, Output, Stdio},
     sync::{
-        Arc, Mutex, OnceLock,
+        Mutex, OnceLock,
         atomic::{AtomicUsize, Ordering},
         mpsc,
     },
@@ -32,7 +32,6 @@ use base64::{
     Engine,
     engine::general_purpose::{STANDARD, URL_SAFE},
 };
-use hyper_util::rt::TokioIo;
 use rustix::process::Signal;
 use skykit_agent::{
     key::{Bits, SigningKey},
@@ -42,7 +41,7 @@ use skykit_agent::{
         token_service_client::TokenServiceClient,
     },
 };
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::Channel;
 
 use crate::support::*;
 
@@ -416,25 +415,7 @@ impl Rpc {
     /// it break, the channel fails instead of reconnecting as another user.
     fn over(stream: UnixStream) -> Rpc {
         let runtime = runtime();
-        stream
-            .set_nonblocking(true)
-            .expect("make the stream nonblocking");
-        let channel = runtime
-            .block_on(async move {
-                let stream = tokio::net::UnixStream::from_std(stream).expect("register the stream");
-                let once = Arc::new(Mutex::new(Some(stream)));
-                Endpoint::from_static("http://localhost")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let stream = once.lock().unwrap().take();
-                        async move {
-                            stream.map(TokioIo::new).ok_or_else(|| {
-                                io::Error::other("the connection of another user broke")
-                            })
-                        }
-                    }))
-                    .await
-            })
-            .expect("open a channel over the connected stream");
+        let channel = crate::support::channel_over(&runtime, stream);
         Rpc { runtime, channel }
     }
 

@@ -673,3 +673,31 @@ pub fn require_tool(program: &str, install: &str) {
         panic!("cannot run `{program}`: {error}; this test needs it: {install}");
     }
 }
+
+/// A channel whose only connection is `stream`, already connected
+/// (typically as another user): should it break, the channel fails instead
+/// of reconnecting as the test's own user.
+pub fn channel_over(
+    runtime: &tokio::runtime::Runtime,
+    stream: std::os::unix::net::UnixStream,
+) -> Channel {
+    stream
+        .set_nonblocking(true)
+        .expect("make the stream nonblocking");
+    runtime
+        .block_on(async move {
+            let stream = tokio::net::UnixStream::from_std(stream).expect("register the stream");
+            let once = std::sync::Arc::new(std::sync::Mutex::new(Some(stream)));
+            tonic::transport::Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                    let stream = once.lock().unwrap().take();
+                    async move {
+                        stream.map(hyper_util::rt::TokioIo::new).ok_or_else(|| {
+                            std::io::Error::other("the connection of another user broke")
+                        })
+                    }
+                }))
+                .await
+        })
+        .expect("open a channel over the connected stream")
+}

@@ -16,22 +16,17 @@ use std::{
     io,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
-use hyper_util::rt::TokioIo;
 use rustix::process::Signal;
 use skykit_agent::proto::{
     GetStatusRequest, GetStatusResponse, GetTokenResponse, WatchTokenRequest,
     agent_service_client::AgentServiceClient, token_service_client::TokenServiceClient,
 };
 use tokio::runtime::Runtime;
-use tonic::{
-    Code, Status, Streaming,
-    transport::{Channel, Endpoint, Uri},
-};
+use tonic::{Code, Status, Streaming, transport::Channel};
 
 use crate::support::*;
 
@@ -101,25 +96,7 @@ impl<'r> Client<'r> {
     /// connection: should it break, the channel fails instead of
     /// reconnecting as the test's user.
     fn over(rt: &'r Runtime, stream: UnixStream) -> Client<'r> {
-        stream
-            .set_nonblocking(true)
-            .expect("make the stream nonblocking");
-        let channel = rt
-            .block_on(async move {
-                let stream = tokio::net::UnixStream::from_std(stream).expect("register the stream");
-                let once = Arc::new(Mutex::new(Some(stream)));
-                Endpoint::from_static("http://localhost")
-                    .connect_with_connector(tower::service_fn(move |_: Uri| {
-                        let stream = once.lock().unwrap().take();
-                        async move {
-                            stream.map(TokioIo::new).ok_or_else(|| {
-                                io::Error::other("the connection of another user broke")
-                            })
-                        }
-                    }))
-                    .await
-            })
-            .expect("open a channel over the connected stream");
+        let channel = crate::support::channel_over(rt, stream);
         Client { rt, channel }
     }
 
