@@ -8,6 +8,7 @@
 //! switch users (`setpriv`), create groups or set ACLs need root, as CI runs
 //! them; they fail, never skip, without root or a tool they need.
 
+use crate::support::TestGroup;
 use crate::support::require_tool;
 use std::{
     fs, io,
@@ -273,50 +274,6 @@ fn write_config(dir: &Dir, settings: &str, key: &str, admits: &str) -> PathBuf {
         format!("{settings}[[identity]]\nissuer = \"{ISSUER}\"\nkey = \"{key}\"\n{admits}"),
         0o644,
     )
-}
-
-/// A group made for one test with `groupadd`, removed again when dropped.
-struct TestGroup {
-    name: String,
-    gid: u32,
-}
-
-impl TestGroup {
-    fn create() -> TestGroup {
-        require_root("create a group with groupadd");
-        require_tool("groupadd", "apt-get install passwd");
-        require_tool("groupdel", "apt-get install passwd");
-        let name = format!("skykit-it-{}", std::process::id());
-        let output = Command::new("groupadd")
-            .arg("--")
-            .arg(&name)
-            .output()
-            .expect("run groupadd");
-        assert!(
-            output.status.success(),
-            "groupadd {name} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // Dropped from here on, so a failed lookup still removes the group.
-        let mut group = TestGroup { name, gid: 0 };
-        group.gid = nix::unistd::Group::from_name(&group.name)
-            .expect("look up the new group")
-            .unwrap_or_else(|| panic!("groupadd made no group {}", group.name))
-            .gid
-            .as_raw();
-        assert_ne!(group.gid, NOBODY, "the test group must not be nobody's");
-        group
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        let removed = Command::new("groupdel").arg("--").arg(&self.name).status();
-        if !matches!(removed, Ok(status) if status.success()) && !thread::panicking() {
-            panic!("cannot remove test group {}: {removed:?}", self.name);
-        }
-    }
 }
 
 /// Asserts that `haystack` holds each line of `lines`, showing it whole if not.
@@ -993,7 +950,7 @@ fn key_credential_without_credentials_directory_exits_78() {
 
 #[test]
 fn socket_group_members_get_tokens_and_others_are_refused() {
-    let group = TestGroup::create();
+    let group = TestGroup::create("skykit-it");
     let dir = Dir::new();
     open_to_others(&dir);
     let key = shared_key();

@@ -7,6 +7,7 @@
 //! another sink, and heal on their own. Also the systemd drop-in that makes
 //! a sink folder writable.
 
+use crate::support::TestGroup;
 use std::{
     collections::HashSet,
     fs, io,
@@ -224,7 +225,7 @@ fn sink_files_hold_a_valid_token_in_both_formats_with_their_modes() {
 #[test]
 fn sink_file_gets_the_configured_owner_and_group() {
     require_root("give a sink file to another user and group");
-    let group = TestGroup::create();
+    let group = TestGroup::create("skykit-sink");
     let dir = Dir::new();
     let key = shared_key();
     let key_path = key.write(&dir, "private.pem");
@@ -526,49 +527,6 @@ fn fill(path: &Path) {
         }
     }
     panic!("64 KiB fit in a 16 KiB tmpfs: {}", path.display());
-}
-
-/// A group made for one test with `groupadd`, removed again when dropped.
-struct TestGroup {
-    name: String,
-    gid: u32,
-}
-
-impl TestGroup {
-    fn create() -> TestGroup {
-        let name = format!("skykit-sink-{}", std::process::id());
-        let output = Command::new("groupadd")
-            .arg("--")
-            .arg(&name)
-            .output()
-            .unwrap_or_else(|error| {
-                panic!("cannot run groupadd ({error}); this test needs it: apt-get install passwd")
-            });
-        assert!(
-            output.status.success(),
-            "groupadd {name} failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-        // Dropped from here on, so a failed lookup still removes the group.
-        let mut group = TestGroup { name, gid: 0 };
-        group.gid = nix::unistd::Group::from_name(&group.name)
-            .expect("look up the new group")
-            .unwrap_or_else(|| panic!("groupadd made no group {}", group.name))
-            .gid
-            .as_raw();
-        assert_ne!(group.gid, NOBODY, "the test group must not be nobody's");
-        group
-    }
-}
-
-impl Drop for TestGroup {
-    fn drop(&mut self) {
-        let removed = Command::new("groupdel").arg("--").arg(&self.name).status();
-        if !matches!(removed, Ok(status) if status.success()) && !thread::panicking() {
-            panic!("cannot remove test group {}: {removed:?}", self.name);
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------

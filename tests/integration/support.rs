@@ -701,3 +701,48 @@ pub fn channel_over(
         })
         .expect("open a channel over the connected stream")
 }
+
+/// A group made for one test with `groupadd`, removed again when dropped.
+pub struct TestGroup {
+    pub name: String,
+    pub gid: u32,
+}
+
+impl TestGroup {
+    /// Makes the group `PREFIX-PID`; each test module uses its own prefix.
+    pub fn create(prefix: &str) -> TestGroup {
+        require_root("create a group with groupadd");
+        require_tool("groupadd", "apt-get install passwd");
+        require_tool("groupdel", "apt-get install passwd");
+        let name = format!("{prefix}-{}", std::process::id());
+        let output = Command::new("groupadd")
+            .arg("--")
+            .arg(&name)
+            .output()
+            .expect("run groupadd");
+        assert!(
+            output.status.success(),
+            "groupadd {name} failed ({}): {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // Dropped from here on, so a failed lookup still removes the group.
+        let mut group = TestGroup { name, gid: 0 };
+        group.gid = nix::unistd::Group::from_name(&group.name)
+            .expect("look up the new group")
+            .unwrap_or_else(|| panic!("groupadd made no group {}", group.name))
+            .gid
+            .as_raw();
+        assert_ne!(group.gid, NOBODY, "the test group must not be nobody's");
+        group
+    }
+}
+
+impl Drop for TestGroup {
+    fn drop(&mut self) {
+        let removed = Command::new("groupdel").arg("--").arg(&self.name).status();
+        if !matches!(removed, Ok(status) if status.success()) && !std::thread::panicking() {
+            panic!("cannot remove test group {}: {removed:?}", self.name);
+        }
+    }
+}
