@@ -22,10 +22,14 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use arc_swap::ArcSwap;
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
@@ -154,6 +158,13 @@ struct Shared<S, C> {
     signer: S,
     clock: C,
     entries: Mutex<HashMap<Key, Entry>>,
+    /// Every entry's current token, republished under the `entries` lock
+    /// whenever one changes, so [`Cache::cached`] answers a hit without
+    /// taking that lock: on a busy agent the lock's cache line would
+    /// otherwise bounce between the CPUs on every call.
+    published: ArcSwap<Published>,
+    /// What [`Cached::touched`] counts from.
+    epoch: Instant,
     /// Bumped by [`Cache::forget`]: a signature that started before it
     /// may use a replaced key, so its token is not stored.
     generation: std::sync::atomic::AtomicU64,
@@ -163,6 +174,11 @@ struct Shared<S, C> {
 
 type Outcome = Result<Fresh, SignFailure>;
 
+/// The current tokens by identity name, then lifetime: looked up by
+/// `&str`, so a hit builds no [`Key`]. The names come from the config, not
+/// from callers, so a fast hash needs no flooding resistance.
+type Published = HashMap<Arc<str>, Vec<(Lifetime, Arc<Cached>)>, foldhash::fast::RandomState>;
+
 #[derive(Clone)]
 struct Fresh {
     token: Arc<Token>,
@@ -170,7 +186,7 @@ struct Fresh {
 }
 
 struct Entry {
-    current: Option<Cached>,
+    current: Option<Arc<Cached>>,
     /// The signature in flight for this entry, shared by everyone waiting.
     signing: Option<watch::Receiver<Option<Outcome>>>,
     last_used: Instant,
@@ -182,6 +198,27 @@ struct Entry {
 }
 
 impl Entry {
+    /// When the entry was last asked for, by either path.
+    fn last_used(&self, epoch: Instant) -> Instant {
+        let touched = self
+            .current
+            .as_ref()
+            .map_or(0, |cached| cached.touched.load(Ordering::Relaxed));
+        self.last_used.max(epoch + Duration::from_nanos(touched))
+    }
+
+    /// Drops the current token, keeping its lock-free uses in `last_used`.
+    fn forget_token(&mut self, epoch: Instant) {
+        self.last_used = self.last_used(epoch);
+        self.current = None;
+    }
+
+    /// Replaces the current token, keeping the old one's lock-free uses.
+    fn store(&mut self, cached: Cached, epoch: Instant) {
+        self.last_used = self.last_used(epoch);
+        self.current = Some(Arc::new(cached));
+    }
+
     fn new(now: Instant) -> Self {
         Entry {
             current: None,
@@ -204,6 +241,10 @@ struct Cached {
     /// The monotonic instant that corresponds to `iat`.
     mono_issued_at: Instant,
     refresh_after: Duration,
+    /// When [`Cache::cached`] last served it, in nanoseconds since
+    /// [`Shared::epoch`] (0: never), to the second: the lock-free path's
+    /// share of [`Entry::last_used`].
+    touched: AtomicU64,
 }
 
 impl Cached {
@@ -230,19 +271,70 @@ impl Cached {
         self.remaining(now.0, now.1)
             .is_some_and(|left| left >= needed)
     }
+
+    /// Records a use at `now`. Only a change of a second or more is
+    /// written, so the hot path mostly just reads this cache line.
+    fn touch(&self, now: Instant, epoch: Instant) {
+        let nanos = u64::try_from(now.saturating_duration_since(epoch).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        if nanos.saturating_sub(self.touched.load(Ordering::Relaxed)) >= 1_000_000_000 {
+            self.touched.store(nanos, Ordering::Relaxed);
+        }
+    }
+
+    /// The same token with a later `refresh_after` (a failed re-sign's retry).
+    fn retry_at(&self, refresh_after: Duration) -> Self {
+        Cached {
+            token: self.token.clone(),
+            mono_issued_at: self.mono_issued_at,
+            refresh_after,
+            touched: AtomicU64::new(self.touched.load(Ordering::Relaxed)),
+        }
+    }
 }
 
 impl<S: Signer, C: Clock> Cache<S, C> {
     pub fn new(signer: S, clock: C) -> Self {
+        let epoch = clock.mono();
         Cache {
             shared: Arc::new(Shared {
                 signer,
                 clock,
                 entries: Mutex::new(HashMap::new()),
+                published: ArcSwap::default(),
+                epoch,
                 generation: std::sync::atomic::AtomicU64::new(0),
                 refreshers: std::sync::atomic::AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// The hot path: `answer` applied to the cached token (and its
+    /// `refresh_after`) of `identity` and `lifetime`, if it stays valid for
+    /// `min_valid_for` and is not yet due for a refresh. It takes neither
+    /// the entries' lock nor a reference to the token, and writes to the
+    /// entry at most once a second; `None` sends the caller to
+    /// [`Cache::get_within`], which decides everything else (misses,
+    /// refreshes, budgets).
+    pub fn cached<R>(
+        &self,
+        identity: &str,
+        lifetime: Lifetime,
+        min_valid_for: Duration,
+        answer: impl FnOnce(&Token, Duration) -> R,
+    ) -> Option<R> {
+        let published = self.shared.published.load();
+        let (_, cached) = published
+            .get(identity)?
+            .iter()
+            .find(|(cached_for, _)| *cached_for == lifetime)?;
+        let now = (self.shared.clock.wall(), self.shared.clock.mono());
+        if now.0 >= cached.refresh_after || !cached.servable(lifetime, min_valid_for, now) {
+            return None;
+        }
+        cached.touch(now.1, self.shared.epoch);
+        Some(answer(&cached.token, cached.refresh_after))
     }
 
     /// A token for `key` that stays valid for at least `min_valid_for`.
@@ -338,9 +430,10 @@ impl<S: Signer, C: Clock> Cache<S, C> {
     /// Drops entries unused for one lifetime. The server calls it now and then.
     pub fn sweep(&self) {
         let now = self.shared.clock.mono();
-        self.shared
-            .lock()
-            .retain(|key, entry| !is_stale(key, entry, now));
+        let epoch = self.shared.epoch;
+        let mut entries = self.shared.lock();
+        entries.retain(|key, entry| !is_stale(key, entry, now, epoch));
+        self.shared.publish(&entries);
     }
 
     /// Drops every entry of `identity`, e.g. after its key or issuer changed.
@@ -355,13 +448,19 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         // Entries stay (emptied), so their next signature is the agent's
         // doing, not charged to the caller; unused ones are swept as usual.
+        let epoch = self.shared.epoch;
         for (key, entry) in entries.iter_mut() {
             if &*key.identity == identity {
-                entry.current = None;
-                if entry.is_watched() {
-                    // Watchers get a token from the new key right away.
-                    entry.signing = Some(self.start_signing(key.clone(), Peer::UNKNOWN));
-                }
+                entry.forget_token(epoch);
+            }
+        }
+        // Unpublished before anything else can fail, so no snapshot keeps
+        // serving the forgotten key.
+        self.shared.publish(&entries);
+        for (key, entry) in entries.iter_mut() {
+            if &*key.identity == identity && entry.is_watched() {
+                // Watchers get a token from the new key right away.
+                entry.signing = Some(self.start_signing(key.clone(), Peer::UNKNOWN));
             }
         }
     }
@@ -380,6 +479,7 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             }
             keep
         });
+        self.shared.publish(&entries);
     }
 
     /// Subscribes to every token stored for `key` from now on. While any
@@ -548,7 +648,9 @@ impl<S: Signer, C: Clock> Cache<S, C> {
     /// Makes room for one more entry of `identity`: evicts its stale
     /// entries, then its least recently used one while it is at the cap.
     fn make_room(&self, entries: &mut HashMap<Key, Entry>, identity: &Arc<str>, now: Instant) {
-        entries.retain(|key, entry| key.identity != *identity || !is_stale(key, entry, now));
+        let epoch = self.shared.epoch;
+        let before = entries.len();
+        entries.retain(|key, entry| key.identity != *identity || !is_stale(key, entry, now, epoch));
         let count = entries
             .keys()
             .filter(|key| key.identity == *identity)
@@ -557,11 +659,16 @@ impl<S: Signer, C: Clock> Cache<S, C> {
             let oldest = entries
                 .iter()
                 .filter(|(key, entry)| key.identity == *identity && !entry.is_watched())
-                .min_by_key(|(_, entry)| entry.last_used)
+                .min_by_key(|(_, entry)| entry.last_used(epoch))
                 .map(|(key, _)| key.clone());
             if let Some(oldest) = oldest {
                 entries.remove(&oldest);
             }
+        }
+        // Only evictions change what is published; a caller asking for new
+        // lifetimes (perhaps refused by its budget) rebuilds nothing.
+        if entries.len() != before {
+            self.shared.publish(entries);
         }
     }
 
@@ -600,10 +707,29 @@ impl<S: Signer, C: Clock> Cache<S, C> {
 impl<S, C: Clock> Shared<S, C> {
     fn lock(&self) -> MutexGuard<'_, HashMap<Key, Entry>> {
         // A panic while holding the lock cannot leave an entry half-written
-        // (every update is a single assignment), so a poisoned map is usable.
+        // (every update is a single assignment), and a publish it skipped
+        // would leave only tokens current a moment before, never a
+        // forgotten key's (`forget` publishes before anything else), so a
+        // poisoned map is usable.
         self.entries
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Republishes every current token for [`Cache::cached`]. Called, with
+    /// the `entries` lock held, by everything that changes or drops a
+    /// current token: a stale snapshot would keep serving a forgotten key.
+    fn publish(&self, entries: &HashMap<Key, Entry>) {
+        let mut published = Published::default();
+        for (key, entry) in entries {
+            if let Some(cached) = &entry.current {
+                published
+                    .entry(key.identity.clone())
+                    .or_default()
+                    .push((key.lifetime, cached.clone()));
+            }
+        }
+        self.published.store(Arc::new(published));
     }
 
     /// Stores a finished signature, or on failure keeps the old token and
@@ -634,7 +760,7 @@ impl<S, C: Clock> Shared<S, C> {
             .entry(key.clone())
             .or_insert_with(|| Entry::new(now_mono));
         entry.signing = None;
-        match result {
+        let outcome = match result {
             Ok(token) => {
                 let token = Arc::new(token);
                 let refresh_after = refresh_after(&token, key.lifetime);
@@ -648,11 +774,15 @@ impl<S, C: Clock> Shared<S, C> {
                     pid = caller.pid,
                     "signed new token"
                 );
-                entry.current = Some(Cached {
-                    token: token.clone(),
-                    mono_issued_at,
-                    refresh_after,
-                });
+                entry.store(
+                    Cached {
+                        token: token.clone(),
+                        mono_issued_at,
+                        refresh_after,
+                        touched: AtomicU64::new(0),
+                    },
+                    self.epoch,
+                );
                 if let Some(watchers) = &entry.watchers {
                     watchers.send_replace(Some(Issued {
                         token: token.clone(),
@@ -678,7 +808,7 @@ impl<S, C: Clock> Shared<S, C> {
                     .and_then(|cached| cached.remaining(now_wall, now_mono));
                 if let (Some(cached), Some(remaining)) = (entry.current.as_mut(), remaining) {
                     let retry_in = MAX_RETRY_DELAY.min(remaining / 10);
-                    cached.refresh_after = now_wall + retry_in;
+                    *cached = Arc::new(cached.retry_at(now_wall + retry_in));
                     tracing::warn!(
                         identity = %key.identity,
                         lifetime_secs = key.lifetime.secs(),
@@ -696,14 +826,16 @@ impl<S, C: Clock> Shared<S, C> {
                 }
                 Err(failure)
             }
-        }
+        };
+        self.publish(&entries);
+        outcome
     }
 }
 
-fn is_stale(key: &Key, entry: &Entry, now: Instant) -> bool {
+fn is_stale(key: &Key, entry: &Entry, now: Instant, epoch: Instant) -> bool {
     entry.signing.is_none()
         && !entry.is_watched()
-        && now.saturating_duration_since(entry.last_used) >= key.lifetime.duration()
+        && now.saturating_duration_since(entry.last_used(epoch)) >= key.lifetime.duration()
 }
 
 /// `iat + lifetime × u`: when a client should ask again.

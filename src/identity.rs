@@ -3,9 +3,11 @@
 //! while requests keep flowing.
 
 use std::{
-    sync::{Arc, RwLock},
+    sync::Arc,
     time::{SystemTime, UNIX_EPOCH},
 };
+
+use arc_swap::ArcSwap;
 
 use crate::{
     cache::{SignFailure, Signer},
@@ -146,32 +148,32 @@ fn issued_counter(
 /// The live identities, shared by the server and the cache's signer.
 #[derive(Debug)]
 pub struct Registry {
-    current: RwLock<Arc<Identities>>,
+    // Read on every call by every thread, written on reload: an atomic
+    // pointer, so readers take no lock (and `peek` no reference count).
+    current: ArcSwap<Identities>,
 }
 
 impl Registry {
     pub fn new(identities: Identities) -> Self {
         Registry {
-            current: RwLock::new(Arc::new(identities)),
+            current: ArcSwap::from_pointee(identities),
         }
     }
 
     /// A snapshot; requests use one snapshot from start to end.
     pub fn current(&self) -> Arc<Identities> {
-        // Writers only ever assign a whole new Arc, so a poisoned lock
-        // still holds a consistent value.
-        self.current
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        self.current.load_full()
+    }
+
+    /// A snapshot for a moment: cheaper than [`Registry::current`], but not
+    /// to be held across an `.await` or for long.
+    pub fn peek(&self) -> arc_swap::Guard<Arc<Identities>> {
+        self.current.load()
     }
 
     /// Swaps in a new set of identities at once.
     pub fn replace(&self, identities: Identities) {
-        *self
-            .current
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(identities);
+        self.current.store(Arc::new(identities));
     }
 }
 

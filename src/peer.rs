@@ -60,9 +60,14 @@ impl Peer {
 }
 
 /// Everything known about a caller, captured once per connection at accept
-/// and shared by every request on it.
+/// and shared by every request on it (each request gets a clone: one
+/// reference count).
 #[derive(Debug, Clone)]
-pub struct Caller {
+pub struct Caller(Arc<CallerInfo>);
+
+/// What [`Caller`] holds.
+#[derive(Debug)]
+pub struct CallerInfo {
     pub peer: Peer,
     /// Supplementary groups (`SO_PEERGROUPS`), for policy decisions.
     pub groups: Arc<[u32]>,
@@ -71,17 +76,28 @@ pub struct Caller {
     pub exe: Option<Arc<str>>,
     /// Identities already audited as allowed on this connection, so the
     /// audit trail gets one line per connection and identity, not per call.
-    audited: Arc<std::sync::Mutex<Vec<Arc<str>>>>,
+    /// Most connections use one identity: it is read without a lock.
+    first_audited: std::sync::OnceLock<Arc<str>>,
+    more_audited: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+impl std::ops::Deref for Caller {
+    type Target = CallerInfo;
+
+    fn deref(&self) -> &CallerInfo {
+        &self.0
+    }
 }
 
 impl Caller {
     pub fn new(peer: Peer, groups: Arc<[u32]>, exe: Option<Arc<str>>) -> Self {
-        Caller {
+        Caller(Arc::new(CallerInfo {
             peer,
             groups,
             exe,
-            audited: Arc::default(),
-        }
+            first_audited: std::sync::OnceLock::new(),
+            more_audited: std::sync::Mutex::default(),
+        }))
     }
 
     /// A caller whose credentials were not captured: admitted by no policy.
@@ -91,8 +107,18 @@ impl Caller {
 
     /// True the first time `identity` is allowed on this connection.
     pub fn first_allowed(&self, identity: &Arc<str>) -> bool {
+        match self.first_audited.get() {
+            Some(first) if first == identity => return false,
+            Some(_) => {}
+            None => match self.first_audited.set(identity.clone()) {
+                Ok(()) => return true,
+                // Another call on this connection set it first.
+                Err(_) if self.first_audited.get() == Some(identity) => return false,
+                Err(_) => {}
+            },
+        }
         let mut audited = self
-            .audited
+            .more_audited
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         if audited.contains(identity) {
@@ -433,5 +459,49 @@ mod credentials {
         info.lines()
             .find_map(|line| line.strip_prefix("Pid:"))
             .and_then(|value| value.trim().parse().ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_identity_is_first_allowed_once_per_connection() {
+        let caller = Caller::new(Peer::UNKNOWN, Arc::from([]), None);
+        let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+        assert!(caller.first_allowed(&a));
+        assert!(!caller.first_allowed(&a));
+        assert!(!caller.first_allowed(&"a".into()), "compared by name");
+        assert!(caller.first_allowed(&b));
+        assert!(!caller.first_allowed(&b));
+        assert!(!caller.first_allowed(&a));
+        let clone = caller.clone();
+        assert!(
+            !clone.first_allowed(&b),
+            "clones share the connection's record"
+        );
+        let other = Caller::new(Peer::UNKNOWN, Arc::from([]), None);
+        assert!(other.first_allowed(&b), "another connection audits anew");
+    }
+
+    #[test]
+    fn concurrent_first_calls_audit_an_identity_once() {
+        let caller = Caller::new(Peer::UNKNOWN, Arc::from([]), None);
+        let names: Vec<Arc<str>> = vec!["a".into(), "b".into(), "c".into()];
+        let firsts: usize = std::thread::scope(|scope| {
+            let threads: Vec<_> = (0..8)
+                .map(|_| {
+                    scope.spawn(|| {
+                        names
+                            .iter()
+                            .filter(|name| caller.first_allowed(name))
+                            .count()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|t| t.join().unwrap()).sum()
+        });
+        assert_eq!(firsts, names.len());
     }
 }

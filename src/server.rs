@@ -133,6 +133,18 @@ impl TokenService for Service {
     }
 }
 
+/// A GetToken call past its policy check.
+enum Admitted {
+    /// Answered from the cache.
+    Served(GetTokenResponse),
+    /// To be answered by [`Cache::get_within`] (or a signature of its own).
+    ToSign {
+        identity: Arc<Identity>,
+        lifetime: Lifetime,
+        min_valid_for: Duration,
+    },
+}
+
 /// The stream WatchToken answers with.
 pub type WatchStream = std::pin::Pin<
     Box<dyn futures_core::Stream<Item = Result<GetTokenResponse, Status>> + Send + 'static>,
@@ -162,7 +174,7 @@ impl Watch {
         }
         if let Some(first) = self.first.take() {
             self.last = Some(first.token.clone());
-            return Some((Ok(response(&first, &self.identity)), self));
+            return Some((Ok(issued_response(&first, &self.identity)), self));
         }
         loop {
             if *self.stopping.borrow() {
@@ -196,7 +208,7 @@ impl Watch {
                 continue;
             }
             self.last = Some(issued.token.clone());
-            return Some((Ok(response(&issued, &self.identity)), self));
+            return Some((Ok(issued_response(&issued, &self.identity)), self));
         }
     }
 
@@ -391,7 +403,7 @@ impl Service {
         name: &str,
         lifetime: Option<prost_types::Duration>,
     ) -> Result<(Arc<Identity>, Lifetime), Status> {
-        let identities = self.registry.current();
+        let identities = self.registry.peek();
         let identity = resolve(&identities, name)?.clone();
         authorize(&identity, caller)?;
         let lifetime = requested_lifetime(&identity, lifetime)?;
@@ -442,12 +454,13 @@ impl Service {
         let _call = self.tracker.call();
         let caller = take_caller(&mut request);
         let request = request.into_inner();
-        let (identity, lifetime) = self.admit(&caller, &request.identity, request.lifetime)?;
-        let min_valid_for = match request.min_valid_for {
-            None => Duration::ZERO,
-            Some(min_valid_for) => lifetime
-                .check_min_valid_for(whole_seconds("min_valid_for", &min_valid_for)?)
-                .map_err(invalid)?,
+        let (identity, lifetime, min_valid_for) = match self.admit_cached(&caller, &request)? {
+            Admitted::Served(response) => return Ok(Response::new(response)),
+            Admitted::ToSign {
+                identity,
+                lifetime,
+                min_valid_for,
+            } => (identity, lifetime, min_valid_for),
         };
         let key = cache::Key {
             identity: identity.name.clone(),
@@ -480,7 +493,49 @@ impl Service {
             fresh = issued.fresh,
             "served token"
         );
-        Ok(Response::new(response(&issued, &identity.name)))
+        Ok(Response::new(issued_response(&issued, &identity.name)))
+    }
+
+    /// Admits a GetToken call and, in the common case, answers it from the
+    /// cache at once: no `.await`, and neither the identities nor the cache
+    /// are locked or reference-counted, since on a busy agent their cache
+    /// lines would bounce between the CPUs on every call. (The metrics
+    /// still count the call.)
+    fn admit_cached(&self, caller: &Caller, request: &GetTokenRequest) -> Result<Admitted, Status> {
+        let identities = self.registry.peek();
+        let identity = resolve(&identities, &request.identity)?;
+        authorize(identity, caller)?;
+        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let min_valid_for = match request.min_valid_for {
+            None => Duration::ZERO,
+            Some(min_valid_for) => lifetime
+                .check_min_valid_for(whole_seconds("min_valid_for", &min_valid_for)?)
+                .map_err(invalid)?,
+        };
+        if !self.sign_every_call {
+            let served = self.cache.cached(
+                &identity.name,
+                lifetime,
+                min_valid_for,
+                |token, refresh_after| response(token, refresh_after, &identity.name),
+            );
+            if let Some(served) = served {
+                identity.issued_cached.inc();
+                tracing::debug!(
+                    identity = %identity.name,
+                    lifetime_secs = lifetime.secs(),
+                    uid = caller.peer.uid,
+                    fresh = false,
+                    "served token"
+                );
+                return Ok(Admitted::Served(served));
+            }
+        }
+        Ok(Admitted::ToSign {
+            identity: identity.clone(),
+            lifetime,
+            min_valid_for,
+        })
     }
 
     /// One signature for this call alone, on a blocking thread.
@@ -503,13 +558,16 @@ impl Service {
     }
 }
 
-fn response(issued: &Issued, identity: &str) -> GetTokenResponse {
-    let token = &issued.token;
+fn issued_response(issued: &Issued, identity: &str) -> GetTokenResponse {
+    response(&issued.token, issued.refresh_after, identity)
+}
+
+fn response(token: &Token, refresh_after: Duration, identity: &str) -> GetTokenResponse {
     GetTokenResponse {
         token: token.jws.to_string(),
         issued_at: Some(seconds(token.issued_at)),
         expires_at: Some(seconds(token.expires_at)),
-        refresh_after: Some(since_epoch(issued.refresh_after)),
+        refresh_after: Some(since_epoch(refresh_after)),
         issuer: token.issuer.to_string(),
         identity: identity.to_owned(),
         key_id: token.key_id.to_string(),
@@ -548,7 +606,7 @@ pub fn json(response: &GetTokenResponse) -> String {
 /// [`json`] of the response `GetToken` gives for `issued` and `identity`,
 /// for callers (the sinks) that hold the cache's token, not a response.
 pub fn issued_json(issued: &Issued, identity: &str) -> String {
-    json(&response(issued, identity))
+    json(&issued_response(issued, identity))
 }
 
 fn seconds(since_epoch: u64) -> Timestamp {

@@ -619,3 +619,194 @@ async fn a_watched_entry_without_a_token_is_signed_again_with_backoff() {
         .expect("a token arrives once signing works again");
     assert_eq!(pushed.token.lifetime(), Duration::from_secs(600));
 }
+
+/// The lock-free path, as the server tries it before [`Cache::get_within`].
+fn hit(cache: &TestCache, key: &Key, min_valid_for: Duration) -> Option<String> {
+    cache.cached(&key.identity, key.lifetime, min_valid_for, |token, _| {
+        token.jws.to_string()
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lock_free_path_serves_only_what_the_cache_would_serve() {
+    let (cache, signer, _) = setup();
+    let default = key("default", 1000);
+    assert_eq!(
+        hit(&cache, &default, Duration::ZERO),
+        None,
+        "nothing signed yet"
+    );
+    let first = get(&cache, &default).await;
+    assert_eq!(
+        hit(&cache, &default, Duration::ZERO).as_deref(),
+        Some(&*first.token.jws)
+    );
+    assert_eq!(
+        hit(&cache, &key("default", 999), Duration::ZERO),
+        None,
+        "another lifetime"
+    );
+    assert_eq!(
+        hit(&cache, &key("other", 1000), Duration::ZERO),
+        None,
+        "another identity"
+    );
+    assert_eq!(
+        hit(&cache, &default, Duration::from_secs(1001)),
+        None,
+        "a min_valid_for the token cannot meet"
+    );
+    // refresh_after is at 450 to 550 s: from then on calls take the slow
+    // path, which starts the re-sign.
+    tokio::time::advance(Duration::from_secs(550)).await;
+    assert_eq!(
+        hit(&cache, &default, Duration::ZERO),
+        None,
+        "due for a refresh"
+    );
+    assert_eq!(get(&cache, &default).await.token.jws, first.token.jws);
+    until_signed(&signer, 2).await;
+    let second = hit(&cache, &default, Duration::ZERO).expect("the new token is published");
+    assert_ne!(second, *first.token.jws);
+}
+
+#[tokio::test(start_paused = true)]
+async fn forgetting_or_removing_an_identity_unpublishes_its_tokens_at_once() {
+    let (cache, _, _) = setup();
+    let (a, b, c) = (key("a", 600), key("b", 600), key("c", 600));
+    for key in [&a, &b, &c] {
+        get(&cache, key).await;
+    }
+    cache.forget("a");
+    assert_eq!(hit(&cache, &a, Duration::ZERO), None, "a forgotten key");
+    assert!(hit(&cache, &b, Duration::ZERO).is_some());
+    cache.remove("b");
+    assert_eq!(hit(&cache, &b, Duration::ZERO), None, "a removed identity");
+    assert!(hit(&cache, &c, Duration::ZERO).is_some());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_token_served_by_the_lock_free_path_counts_as_used() {
+    let (cache, _, _) = setup();
+    let used = key("used", 100);
+    let unused = key("unused", 100);
+    get(&cache, &used).await;
+    get(&cache, &unused).await;
+    // Before refresh_after (45 s at the earliest) only the lock-free path
+    // sees the call.
+    tokio::time::advance(Duration::from_secs(40)).await;
+    assert!(hit(&cache, &used, Duration::ZERO).is_some());
+    tokio::time::advance(Duration::from_secs(70)).await;
+    cache.sweep();
+    assert_eq!(cache.len(), 1, "unused for 110 s of its 100: evicted");
+    assert!(
+        cache
+            .snapshot()
+            .iter()
+            .all(|entry| &*entry.identity == "used")
+    );
+    tokio::time::advance(Duration::from_secs(31)).await;
+    cache.sweep();
+    assert!(cache.is_empty(), "unused for 101 s since it was served");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_a_failed_resign_the_lock_free_path_serves_the_old_token_until_the_retry() {
+    let (cache, signer, _) = setup();
+    let key = key("default", 1000);
+    let first = get(&cache, &key).await;
+    signer.failing.store(true, Ordering::SeqCst);
+    tokio::time::advance(Duration::from_secs(560)).await;
+    assert_eq!(hit(&cache, &key, Duration::ZERO), None, "due for a refresh");
+    get(&cache, &key).await;
+    until_signed(&signer, 2).await;
+    // The retry is 30 s away (about 440 s remain): served without a lock
+    // until then.
+    assert_eq!(
+        hit(&cache, &key, Duration::ZERO).as_deref(),
+        Some(&*first.token.jws)
+    );
+    tokio::time::advance(Duration::from_secs(30)).await;
+    assert_eq!(hit(&cache, &key, Duration::ZERO), None, "the retry is due");
+}
+
+#[tokio::test(start_paused = true)]
+async fn uses_on_the_lock_free_path_survive_a_forget() {
+    let (cache, _, _) = setup();
+    let key = key("a", 100);
+    get(&cache, &key).await;
+    tokio::time::advance(Duration::from_secs(40)).await;
+    assert!(hit(&cache, &key, Duration::ZERO).is_some());
+    tokio::time::advance(Duration::from_secs(1)).await;
+    cache.forget("a");
+    // 101 s after the signature, 61 s after the last use.
+    tokio::time::advance(Duration::from_secs(60)).await;
+    cache.sweep();
+    assert_eq!(
+        cache.len(),
+        1,
+        "the emptied entry stays: it was used 61 s ago"
+    );
+    let refuse = || false;
+    assert!(
+        cache
+            .get_within(&key, Duration::ZERO, CALLER, &refuse)
+            .await
+            .is_ok(),
+        "re-signing a forgotten entry is the agent's cost, not the caller's"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn uses_on_the_lock_free_path_survive_a_background_resign() {
+    let (cache, signer, _) = setup();
+    let key = key("a", 100);
+    get(&cache, &key).await;
+    let updates = cache.subscribe(&key, CALLER);
+    tokio::time::advance(Duration::from_secs(40)).await;
+    assert!(hit(&cache, &key, Duration::ZERO).is_some());
+    // The watch's refresher re-signs at 45 to 55 s.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    until_signed(&signer, 2).await;
+    drop(updates);
+    settle().await;
+    tokio::time::advance(Duration::from_secs(41)).await;
+    cache.sweep();
+    assert_eq!(cache.len(), 1, "used about 61 s ago: it stays");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lock_free_path_never_serves_what_the_monotonic_clock_says_expired() {
+    let (cache, _, clock) = setup();
+    let key = key("a", 100);
+    get(&cache, &key).await;
+    clock.step(-1000);
+    tokio::time::advance(Duration::from_secs(95)).await;
+    assert_eq!(hit(&cache, &key, Duration::ZERO), None, "in its last tenth");
+    tokio::time::advance(Duration::from_secs(10)).await;
+    assert_eq!(hit(&cache, &key, Duration::ZERO), None, "expired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn uses_on_the_lock_free_path_count_for_least_recently_used_eviction() {
+    let (cache, signer, _) = setup();
+    for seconds in 100..100 + MAX_ENTRIES_PER_IDENTITY as i64 {
+        get(&cache, &key("default", seconds)).await;
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    tokio::time::advance(Duration::from_secs(2)).await;
+    // The oldest is used again, on the lock-free path only.
+    assert!(hit(&cache, &key("default", 100), Duration::ZERO).is_some());
+    get(&cache, &key("default", 1000)).await;
+    let calls = signer.calls();
+    assert!(
+        hit(&cache, &key("default", 100), Duration::ZERO).is_some(),
+        "the entry used last survived"
+    );
+    assert_eq!(
+        hit(&cache, &key("default", 101), Duration::ZERO),
+        None,
+        "the least recently used entry was evicted and unpublished"
+    );
+    assert_eq!(signer.calls(), calls);
+}

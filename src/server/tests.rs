@@ -238,3 +238,97 @@ async fn an_oversized_unknown_identity_is_not_found_without_echoing_it() {
         .unwrap_err();
     assert!(short.message().contains("\"nope\""));
 }
+
+/// A service with one identity of its own name (the `tokens_issued`
+/// counters are process-wide, keyed by identity), called in process.
+fn service_for(name: &str, dir: &std::path::Path) -> Service {
+    let config = Config {
+        file: None,
+        socket: dir.join("unused.sock"),
+        socket_mode: 0o600,
+        socket_group: None,
+        require_locked_memory: false,
+        limits: crate::limits::Limits::default(),
+        sinks: Vec::new(),
+        metrics: None,
+        proxy: None,
+        identities: vec![IdentityConfig {
+            name: name.into(),
+            issuer: "test@example.com".into(),
+            key: key_pem(dir),
+            lifetime: Lifetime::MAX,
+            default: true,
+            allow_insecure_key_permissions: false,
+            key_is_credential: false,
+            policy: crate::policy::Policy::owner_and_root(1000),
+        }],
+    };
+    let registry = Arc::new(Registry::new(Identities::load(&config).unwrap()));
+    let tracker = Arc::new(crate::status::Tracker::new(dir.join("unused.sock")));
+    Service::new(registry, tracker, crate::limits::Limits::default())
+}
+
+/// A connection's caller, as the accept loop captures it.
+fn caller(uid: u32) -> Caller {
+    let peer = crate::peer::Peer {
+        uid,
+        gid: uid,
+        pid: None,
+    };
+    Caller::new(peer, Arc::from([]), None)
+}
+
+/// A GetToken request on `caller`'s connection.
+fn request_from(caller: &Caller) -> Request<GetTokenRequest> {
+    let mut request = Request::new(GetTokenRequest::default());
+    request.extensions_mut().insert(caller.clone());
+    request
+}
+
+fn counts(service: &Service, name: &str) -> (u64, u64) {
+    let identities = service.registry.current();
+    let identity = identities.resolve(name).unwrap();
+    (identity.issued_cached.get(), identity.issued_fresh.get())
+}
+
+#[tokio::test]
+async fn a_cached_token_is_served_without_signing_and_counted_as_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = service_for("hot-path-cached", dir.path());
+    let caller = caller(1000);
+    let first = service
+        .get_token(request_from(&caller))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(counts(&service, "hot-path-cached"), (0, 1));
+    for served in 1..=3 {
+        let again = service
+            .get_token(request_from(&caller))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again, first, "the same token and times, from the cache");
+        assert_eq!(counts(&service, "hot-path-cached"), (served, 1));
+    }
+    // The cached token is there, yet a caller the policy refuses gets
+    // nothing from it.
+    let denied = service
+        .get_token(request_from(&self::caller(4321)))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied:?}");
+    assert_eq!(counts(&service, "hot-path-cached"), (3, 1));
+}
+
+#[tokio::test]
+async fn sign_every_call_bypasses_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let service = service_for("hot-path-every-call", dir.path()).signing_every_call();
+    let caller = caller(1000);
+    for signed in 1..=3 {
+        service.get_token(request_from(&caller)).await.unwrap();
+        assert_eq!(counts(&service, "hot-path-every-call"), (0, signed));
+    }
+    assert!(service.cache().is_empty(), "nothing was cached");
+}
