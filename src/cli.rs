@@ -305,8 +305,75 @@ fn check(args: CheckArgs) -> Result<(), Failure> {
             identity.policy.describe()
         ));
     }
+    lines.extend(config.sinks.iter().map(describe_sink));
+    lines.push(format!(
+        "metrics: {}",
+        config
+            .metrics
+            .as_ref()
+            .map_or("off".to_owned(), describe_metrics)
+    ));
+    lines.push(format!(
+        "proxy: {}",
+        config
+            .proxy
+            .as_ref()
+            .map_or("off".to_owned(), describe_proxy)
+    ));
     lines.push(format!("key protection: {}", memory::Protection::current()));
     print_line(&lines.join("\n"))
+}
+
+/// `check`'s line for one `[[sink]]`.
+fn describe_sink(sink: &crate::config::SinkConfig) -> String {
+    let lifetime = sink
+        .lifetime
+        .map_or("the identity's default lifetime".to_owned(), |lifetime| {
+            format!("lifetime {}", duration::format(lifetime.duration()))
+        });
+    let format = match sink.format {
+        crate::config::SinkFormat::Token => "token",
+        crate::config::SinkFormat::Json => "json",
+    };
+    format!(
+        "sink {}: {}, {lifetime}, format {format}, mode {:04o}",
+        sink.path.display(),
+        named_identity(&sink.identity),
+        sink.mode
+    )
+}
+
+/// "identity NAME", or "the default identity" for an empty name.
+fn named_identity(name: &str) -> String {
+    if name.is_empty() {
+        "the default identity".to_owned()
+    } else {
+        format!("identity {name}")
+    }
+}
+
+fn describe_metrics(listen: &crate::config::MetricsListen) -> String {
+    match listen {
+        crate::config::MetricsListen::Unix(path) => format!("unix:{}", path.display()),
+        crate::config::MetricsListen::Tcp(address) => address.to_string(),
+    }
+}
+
+/// `check`'s line for `[proxy]`: where it listens, where it forwards, and
+/// whose token it attaches.
+fn describe_proxy(proxy: &crate::config::ProxyConfig) -> String {
+    let listen = match &proxy.listen {
+        crate::config::ProxyListen::Unix(path) => format!("unix:{}", path.display()),
+        crate::config::ProxyListen::Tcp(address) => {
+            format!("{address} (TCP: any local user)")
+        }
+    };
+    format!(
+        "{listen} -> {} with {}'s token, timeout {}",
+        proxy.upstream,
+        named_identity(&proxy.identity),
+        duration::format(proxy.timeout)
+    )
 }
 
 fn status(args: StatusArgs) -> Result<(), Failure> {

@@ -173,7 +173,7 @@ impl Metrics {
         );
         r.register(
             "watchers",
-            "WatchToken streams open now",
+            "Subscribers to token updates now: WatchToken streams, plus one per token file sink",
             metrics.watchers.clone(),
         );
         r.register(

@@ -829,6 +829,56 @@ fn check_prints_identities_and_key_ids_of_a_good_config() {
     );
 }
 
+#[test]
+fn check_prints_sinks_metrics_and_proxy() {
+    let dir = Dir::new();
+    shared_key().write(&dir, "key.pem");
+    let config = dir.write(
+        "config.toml",
+        format!(
+            "socket = \"agent.sock\"\n\
+             [[identity]]\nname = \"alpha\"\nissuer = \"{ISSUER}\"\nkey = \"key.pem\"\n\
+             [[sink]]\npath = \"token\"\n\
+             [[sink]]\npath = \"token.json\"\nidentity = \"alpha\"\nlifetime = \"10m\"\nformat = \"json\"\nmode = \"0600\"\n\
+             [metrics]\nlisten = \"127.0.0.1:9464\"\n\
+             [proxy]\nlisten = \"unix:proxy.sock\"\nupstream = \"http://127.0.0.1:8080\"\ntimeout = \"5s\"\n"
+        ),
+    );
+    let stdout = assert_success(&dir.run(&["check", "--config", text(&config)]));
+    assert_lines(
+        &stdout,
+        &[
+            &format!(
+                "sink {}: the default identity, the identity's default lifetime, format token, mode 0640",
+                dir.path().join("token").display()
+            ),
+            &format!(
+                "sink {}: identity alpha, lifetime 10m, format json, mode 0600",
+                dir.path().join("token.json").display()
+            ),
+            "metrics: 127.0.0.1:9464",
+            &format!(
+                "proxy: unix:{} -> http://127.0.0.1:8080/ with the default identity's token, timeout 5s",
+                dir.path().join("proxy.sock").display()
+            ),
+        ],
+    );
+    assert!(
+        !dir.path().join("token").exists(),
+        "check wrote a sink file"
+    );
+    let without = dir.write(
+        "plain.toml",
+        format!(
+            "socket = \"agent.sock\"\n\
+             [[identity]]\nname = \"alpha\"\nissuer = \"{ISSUER}\"\nkey = \"key.pem\"\n"
+        ),
+    );
+    let stdout = assert_success(&dir.run(&["check", "--config", text(&without)]));
+    assert_lines(&stdout, &["metrics: off", "proxy: off"]);
+    assert!(!stdout.contains("sink "), "{stdout}");
+}
+
 // ---------------------------------------------------------------------------
 // 4. Keys from systemd credentials.
 // ---------------------------------------------------------------------------
