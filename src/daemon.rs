@@ -153,17 +153,24 @@ pub async fn run(
         }
         systemd::stopping();
     };
+    let stopping = service.clone();
     let result = server::run(listener, service, stop).await;
+    stopping.begin_stopping();
     sinks.stop();
     reloader.abort();
     watchdog.abort();
     if let Some(metrics) = metrics {
         metrics.abort();
     }
-    if let Some(proxy) = proxy {
-        proxy.abort();
-        // Dropping the task removes the proxy's socket file before we return.
-        let _ = proxy.await;
+    if let Some(mut proxy) = proxy {
+        // The proxy drains its requests in flight within the drain timeout,
+        // alongside the agent socket's; the margin only covers a proxy that
+        // fails to, and ending its task removes its socket file.
+        let margin = stopping.limits().drain_timeout + std::time::Duration::from_secs(1);
+        if tokio::time::timeout(margin, &mut proxy).await.is_err() {
+            proxy.abort();
+            let _ = proxy.await;
+        }
     }
     drop(bound);
     result?;

@@ -153,8 +153,12 @@ impl Proxy {
         }
     }
 
-    /// Accepts and serves connections until the task is dropped. Accept
-    /// errors never end it, and each connection runs on a task of its own.
+    /// Accepts and serves connections until the agent begins to stop, then
+    /// lets the requests in flight finish for at most the drain timeout and
+    /// returns. Accept errors never end it; each connection runs on a task
+    /// of its own, and at most `[limits] max_connections` (as the agent
+    /// socket counts them) are open at once: further ones wait in the
+    /// kernel's backlog until one closes.
     pub async fn run(self, service: Service, registry: Arc<Registry>) {
         let listen = self.local_addr();
         let identity = if self.config.identity.is_empty() {
@@ -180,37 +184,124 @@ impl Proxy {
                 ),
             }
         }
+        let limits = service.limits();
+        let stopping = service.stopping();
         let state = Arc::new(State {
             config: self.config,
             client: self.client,
             service,
             registry,
         });
-        match self.listener {
-            Listener::Unix { listener, _bound } => loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => match Caller::of(&stream) {
-                        Ok(caller) => {
-                            spawn_connection(TokioIo::new(stream), Origin::Unix(caller), &state)
-                        }
-                        Err(error) => tracing::warn!(
-                            %error,
-                            "proxy: dropped a connection whose peer credentials could not be read"
-                        ),
-                    },
-                    Err(error) => accept_failed(error).await,
-                }
-            },
-            Listener::Tcp(listener) => loop {
-                match listener.accept().await {
-                    Ok((stream, address)) => {
-                        let _ = stream.set_nodelay(true);
-                        spawn_connection(TokioIo::new(stream), Origin::Tcp(address), &state)
+        let permits = Arc::new(tokio::sync::Semaphore::new(
+            limits.effective_max_connections(),
+        ));
+        let mut connections = tokio::task::JoinSet::new();
+        let mut stop = stopping.clone();
+        loop {
+            // Finished connections are reaped here, so the set stays small.
+            while connections.try_join_next().is_some() {}
+            let accepted = tokio::select! {
+                biased;
+                () = stopped(&mut stop) => break,
+                accepted = accept(&self.listener, &permits) => accepted,
+            };
+            match accepted {
+                Ok((accepted, permit)) => {
+                    if let Some((io, origin)) = accepted.into_connection() {
+                        let connection = Connection {
+                            origin,
+                            state: state.clone(),
+                            stopping: stopping.clone(),
+                            _permit: permit,
+                        };
+                        connections.spawn(connection.serve(io));
                     }
-                    Err(error) => accept_failed(error).await,
+                }
+                Err(error) => accept_failed(error).await,
+            }
+        }
+        // New clients are refused from now on (the Unix socket file goes).
+        drop(self.listener);
+        drain(connections, limits.drain_timeout).await;
+    }
+}
+
+/// Resolves once the agent begins to stop (or the flag's owner is gone).
+async fn stopped(stopping: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stopping| *stopping).await;
+}
+
+/// A connection the proxy accepted, before it is served.
+enum Accepted {
+    Unix(tokio::net::UnixStream),
+    Tcp(tokio::net::TcpStream, SocketAddr),
+}
+
+impl Accepted {
+    /// The stream and who is on its other end; `None` (logged) when a Unix
+    /// peer's credentials cannot be read.
+    fn into_connection(self) -> Option<(Stream, Origin)> {
+        match self {
+            Accepted::Unix(stream) => match Caller::of(&stream) {
+                Ok(caller) => Some((Stream::Unix(TokioIo::new(stream)), Origin::Unix(caller))),
+                Err(error) => {
+                    tracing::warn!(
+                        %error,
+                        "proxy: dropped a connection whose peer credentials could not be read"
+                    );
+                    None
                 }
             },
+            Accepted::Tcp(stream, address) => {
+                let _ = stream.set_nodelay(true);
+                Some((Stream::Tcp(TokioIo::new(stream)), Origin::Tcp(address)))
+            }
         }
+    }
+}
+
+/// Waits for a free connection slot, then for a connection.
+async fn accept(
+    listener: &Listener,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> std::io::Result<(Accepted, tokio::sync::OwnedSemaphorePermit)> {
+    let permit = permits
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| std::io::Error::other("the connection slots were closed"))?;
+    let accepted = match listener {
+        Listener::Unix { listener, .. } => Accepted::Unix(listener.accept().await?.0),
+        Listener::Tcp(listener) => {
+            let (stream, address) = listener.accept().await?;
+            Accepted::Tcp(stream, address)
+        }
+    };
+    Ok((accepted, permit))
+}
+
+/// Lets the connections finish their requests in flight (each closes once
+/// it has none) for at most `grace`, then closes the rest.
+async fn drain(mut connections: tokio::task::JoinSet<()>, grace: Duration) {
+    if connections.is_empty() {
+        return;
+    }
+    tracing::info!(
+        connections = connections.len(),
+        grace_secs = grace.as_secs_f64(),
+        "proxy: stopped accepting; finishing the requests in flight"
+    );
+    let finished = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
+    if finished.is_err() {
+        tracing::warn!(
+            connections = connections.len(),
+            grace_secs = grace.as_secs_f64(),
+            "proxy: drain deadline passed; closing the connections still open"
+        );
+        connections.shutdown().await;
     }
 }
 
@@ -343,13 +434,44 @@ impl Origin {
     }
 }
 
-fn spawn_connection<I>(io: I, origin: Origin, state: &Arc<State>)
-where
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let state = state.clone();
-    let origin = Arc::new(origin);
-    tokio::spawn(async move {
+/// An accepted stream of either kind.
+enum Stream {
+    Unix(TokioIo<tokio::net::UnixStream>),
+    Tcp(TokioIo<tokio::net::TcpStream>),
+}
+
+/// One client connection and what it needs to be served.
+struct Connection {
+    origin: Origin,
+    state: Arc<State>,
+    /// Turns true when the agent begins to stop.
+    stopping: tokio::sync::watch::Receiver<bool>,
+    /// Its slot among the connections the proxy keeps open at once.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Connection {
+    async fn serve(self, stream: Stream) {
+        match stream {
+            Stream::Unix(io) => self.serve_io(io).await,
+            Stream::Tcp(io) => self.serve_io(io).await,
+        }
+    }
+
+    /// Serves HTTP/1.1 requests until the client closes; once the agent
+    /// begins to stop, the request in flight is finished and the
+    /// connection closed (an idle one at once).
+    async fn serve_io<I>(self, io: I)
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let Connection {
+            origin,
+            state,
+            mut stopping,
+            _permit,
+        } = self;
+        let origin = Arc::new(origin);
         let handler = service_fn(move |request: Request<Incoming>| {
             let state = state.clone();
             let origin = origin.clone();
@@ -359,10 +481,18 @@ where
             .timer(TokioTimer::new())
             .header_read_timeout(HEADER_READ_TIMEOUT)
             .serve_connection(io, handler);
-        if let Err(error) = connection.await {
+        let mut connection = std::pin::pin!(connection);
+        let ended = tokio::select! {
+            ended = connection.as_mut() => ended,
+            () = stopped(&mut stopping) => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = ended {
             tracing::debug!(%error, "proxy connection ended");
         }
-    });
+    }
 }
 
 /// Answers one request: forwards it, or refuses with a short text. Writes

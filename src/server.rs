@@ -83,6 +83,23 @@ impl Service {
     pub fn cache(&self) -> &AgentCache {
         &self.cache
     }
+
+    /// The limits in force, for the proxy.
+    pub(crate) fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Turns true when shutdown begins (see [`Service::begin_stopping`]).
+    pub(crate) fn stopping(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.stopping.subscribe()
+    }
+
+    /// Tells everything watching [`Service::stopping`] that the agent is
+    /// stopping; [`run`] does it when shutdown begins, and the daemon again
+    /// after `run` returns, in case it ended otherwise.
+    pub(crate) fn begin_stopping(&self) {
+        self.stopping.send_replace(true);
+    }
 }
 
 #[tonic::async_trait]

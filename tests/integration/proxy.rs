@@ -35,6 +35,7 @@ use hyper::{
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use rustix::process::Signal;
 use serde_json::Value;
 
 use crate::support::*;
@@ -1307,5 +1308,86 @@ fn network_drop_in_verifies_and_keeps_its_recorded_exposure() {
     assert!(
         readme.contains(&recorded),
         "the README does not record {recorded:?}"
+    );
+}
+
+#[test]
+fn on_sigterm_a_proxied_request_in_flight_finishes_and_idle_connections_close() {
+    let dir = Dir::new();
+    let upstream = Upstream::plain();
+    let (mut agent, proxy) = start_unix(&dir, &upstream.url(), "timeout = \"30s\"");
+    let in_flight = {
+        let proxy = proxy.clone();
+        thread::spawn(move || proxy.get("/slow", &[]))
+    };
+    let deadline = Instant::now() + DEADLINE;
+    while upstream.seen("/slow").is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the request never reached the upstream"
+        );
+        thread::sleep(POLL);
+    }
+    let mut idle = proxy.connect();
+    let signalled = Instant::now();
+    agent.signal(Signal::TERM);
+    // An idle connection is closed at once, not at the drain deadline.
+    let mut byte = [0u8; 1];
+    assert_eq!(idle.read(&mut byte).expect("read the idle connection"), 0);
+    assert!(
+        signalled.elapsed() < SLOW,
+        "closed after {:?}",
+        signalled.elapsed()
+    );
+    // The request in flight gets its answer.
+    check_echo(
+        &in_flight.join().unwrap().expect(200).json(),
+        "GET",
+        "/slow",
+        b"",
+    );
+    let Target::Unix(socket) = &proxy else {
+        unreachable!("start_unix listens on a Unix socket")
+    };
+    assert!(
+        UnixStream::connect(socket).is_err(),
+        "a stopping proxy still takes new connections"
+    );
+    assert!(agent.wait().success(), "{}", agent.stderr());
+    let stderr = agent.stderr();
+    assert!(
+        stderr.contains("proxy: stopped accepting; finishing the requests in flight"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("drain deadline passed"), "{stderr}");
+}
+
+#[test]
+fn proxy_connections_beyond_max_connections_wait_until_one_closes() {
+    let dir = Dir::new();
+    let upstream = Upstream::plain();
+    let proxy_lines = format!(
+        "listen = \"unix:proxy.sock\"\nupstream = \"{}\"",
+        upstream.url()
+    );
+    let (_agent, proxy) = start(&dir, &proxy_lines, "[limits]\nmax_connections = 2\n");
+    // Two connections hold both slots (the header read timeout is 10 s).
+    let first = proxy.connect();
+    let _second = proxy.connect();
+    let waiting = {
+        let proxy = proxy.clone();
+        thread::spawn(move || proxy.get("/third", &[]))
+    };
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        upstream.seen("/third").is_empty(),
+        "a third connection was served while two were open"
+    );
+    drop(first);
+    check_echo(
+        &waiting.join().unwrap().expect(200).json(),
+        "GET",
+        "/third",
+        b"",
     );
 }
