@@ -17,7 +17,7 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     os::unix::net::UnixStream,
-    path::Path,
+    path::{Path, PathBuf},
 };
 
 use rustix::process::Signal;
@@ -379,6 +379,33 @@ fn wait_for_reload(client: &Client<'_>, agent: &Agent<'_>, ok: bool) -> GetStatu
     })
 }
 
+/// Starts an agent with the shared key as `private.pem` in `dir` and its
+/// metrics on the Unix socket `dir/metrics.sock`; returns both once the
+/// metrics socket accepts.
+fn serve_with_unix_metrics(dir: &Dir) -> (Agent<'_>, PathBuf) {
+    let metrics_socket = dir.join("metrics.sock");
+    let config = write_config(
+        dir,
+        &shared_key().write(dir, "private.pem"),
+        "",
+        &metrics_table(&format!("unix:{}", metrics_socket.display())),
+    );
+    let agent = serve_config(dir, &config);
+    wait_for_socket(&metrics_socket, &agent);
+    (agent, metrics_socket)
+}
+
+/// Scrapes with `scrape` until `open_connections` reads 1; returns that scrape.
+fn scrape_with_one_connection(agent: &Agent<'_>, scrape: impl Fn() -> Exposition) -> Exposition {
+    eventually("open_connections 1", DEADLINE, agent, || {
+        let exposition = scrape();
+        match exposition.value("skykit_agent_open_connections", &[]) {
+            Some(1.0) => Ok(exposition),
+            other => Err(format!("{other:?}")),
+        }
+    })
+}
+
 /// `[metrics] listen = "..."`.
 fn metrics_table(listen: &str) -> String {
     format!("[metrics]\nlisten = \"{listen}\"\n")
@@ -398,16 +425,7 @@ fn metrics_table(listen: &str) -> String {
 fn counters_move_exactly_with_the_traffic_and_gauges_read_the_live_state() {
     let dir = Dir::new();
     let key = shared_key();
-    let key_path = key.write(&dir, "private.pem");
-    let metrics_socket = dir.join("metrics.sock");
-    let config = write_config(
-        &dir,
-        &key_path,
-        "",
-        &metrics_table(&format!("unix:{}", metrics_socket.display())),
-    );
-    let agent = serve_config(&dir, &config);
-    wait_for_socket(&metrics_socket, &agent);
+    let (agent, metrics_socket) = serve_with_unix_metrics(&dir);
     let rt = runtime();
     let client = Client::connect(&rt, agent.socket());
 
@@ -435,12 +453,8 @@ fn counters_move_exactly_with_the_traffic_and_gauges_read_the_live_state() {
 
     // The only connection left is this client's (the start-up probe of
     // the socket closes on its own).
-    let exposition = eventually("open_connections 1", DEADLINE, &agent, || {
-        let exposition = Exposition::of(http_unix(&metrics_socket, "GET", "/metrics"));
-        match exposition.value("skykit_agent_open_connections", &[]) {
-            Some(1.0) => Ok(exposition),
-            other => Err(format!("{other:?}")),
-        }
+    let exposition = scrape_with_one_connection(&agent, || {
+        Exposition::of(http_unix(&metrics_socket, "GET", "/metrics"))
     });
     check_families(&exposition, &["refresh_failures", "sink_write_failures"]);
     let protection = status
@@ -569,15 +583,7 @@ fn counters_move_exactly_with_the_traffic_and_gauges_read_the_live_state() {
 #[test]
 fn only_get_metrics_is_answered() {
     let dir = Dir::new();
-    let metrics_socket = dir.join("metrics.sock");
-    let config = write_config(
-        &dir,
-        &shared_key().write(&dir, "private.pem"),
-        "",
-        &metrics_table(&format!("unix:{}", metrics_socket.display())),
-    );
-    let agent = serve_config(&dir, &config);
-    wait_for_socket(&metrics_socket, &agent);
+    let (_agent, metrics_socket) = serve_with_unix_metrics(&dir);
 
     let cases = [
         ("GET", "/other", 404, "not found: metrics are at /metrics"),
@@ -649,12 +655,8 @@ fn metrics_are_served_on_a_loopback_tcp_port() {
         check_response(&short, shared_key(), "default", 600);
         let soonest = (short.expires_at.expect("expires_at is set").seconds as u64)
             .saturating_sub(now_secs()) as f64;
-        let exposition = eventually("open_connections 1", DEADLINE, &agent, || {
-            let exposition = Exposition::of(http_tcp(port, "GET", "/metrics"));
-            match exposition.value("skykit_agent_open_connections", &[]) {
-                Some(1.0) => Ok(exposition),
-                other => Err(format!("{other:?}")),
-            }
+        let exposition = scrape_with_one_connection(&agent, || {
+            Exposition::of(http_tcp(port, "GET", "/metrics"))
         });
         check_families(
             &exposition,
@@ -698,15 +700,7 @@ fn metrics_are_served_on_a_loopback_tcp_port() {
 #[test]
 fn refused_watches_count_as_refusals() {
     let dir = Dir::new();
-    let metrics_socket = dir.join("metrics.sock");
-    let config = write_config(
-        &dir,
-        &shared_key().write(&dir, "private.pem"),
-        "",
-        &metrics_table(&format!("unix:{}", metrics_socket.display())),
-    );
-    let agent = serve_config(&dir, &config);
-    wait_for_socket(&metrics_socket, &agent);
+    let (agent, metrics_socket) = serve_with_unix_metrics(&dir);
     let rt = runtime();
     let client = Client::connect(&rt, agent.socket());
     for (identity, lifetime, code) in [

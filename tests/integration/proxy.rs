@@ -15,12 +15,12 @@
 
 use std::{
     convert::Infallible,
-    fs, io,
+    fs,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Command,
     sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
@@ -1043,7 +1043,7 @@ fn the_identitys_policy_refuses_other_users_on_the_unix_socket() {
     assert_eq!(mode(path), 0o600);
     chmod(path, 0o666);
 
-    let stream = connect_as_nobody(path);
+    let stream = connect_as_nobody(path, &[]);
     stream
         .set_read_timeout(Some(DEADLINE))
         .expect("a read timeout");
@@ -1080,33 +1080,6 @@ fn the_identitys_policy_refuses_other_users_on_the_unix_socket() {
         "/policy",
         b"",
     );
-}
-
-/// Connects to `socket` as uid and gid 65534 from a thread that drops to
-/// them with raw system calls (which, unlike libc's, change only that
-/// thread); the connected socket keeps those credentials for the agent.
-fn connect_as_nobody(socket: &Path) -> UnixStream {
-    let socket = socket.to_owned();
-    thread::spawn(move || {
-        // SAFETY: plain system calls on this thread's own credentials.
-        let results = unsafe {
-            [
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
-                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-            ]
-        };
-        assert_eq!(
-            results,
-            [0, 0, 0],
-            "cannot switch a thread to uid 65534: {}",
-            io::Error::last_os_error()
-        );
-        UnixStream::connect(&socket)
-            .unwrap_or_else(|error| panic!("connect to {} as 65534: {error}", socket.display()))
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 #[test]
@@ -1193,69 +1166,17 @@ fn tls_to_the_upstream_trusts_ca_file_and_speaks_http2() {
 // The systemd drop-in.
 // ---------------------------------------------------------------------------
 
-/// Where the shipped service names the binary, replaced in the copies.
-const SYSTEM_BINARY: &str = "/usr/bin/skykit-agent";
 /// `systemd-analyze security --offline=true` for the unit with
 /// network.conf on systemd 252, as recorded in the drop-in and the README.
 const RECORDED_EXPOSURE: f64 = 1.3;
 
-/// `systemd/` copied into `dir` with `skykit-agent.service.d/network.conf`
-/// beside the units, the way systemd finds drop-ins.
-fn units_with_network(dir: &Dir) -> (PathBuf, PathBuf, PathBuf) {
-    let systemd = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    let read = |name: &str| {
-        fs::read_to_string(systemd.join(name))
-            .unwrap_or_else(|error| panic!("cannot read systemd/{name}: {error}"))
-    };
-    let units = dir.join("units");
-    fs::create_dir_all(units.join("skykit-agent.service.d")).expect("create the units dir");
-    let socket = units.join("skykit-agent.socket");
-    let service = units.join("skykit-agent.service");
-    let drop_in = units.join("skykit-agent.service.d/network.conf");
-    fs::write(&socket, read("skykit-agent.socket")).expect("copy the socket");
-    fs::write(
-        &service,
-        read("skykit-agent.service").replace(SYSTEM_BINARY, &BIN.replace('%', "%%")),
-    )
-    .expect("copy the service");
-    fs::write(&drop_in, read("skykit-agent.service.d/network.conf")).expect("copy the drop-in");
-    (socket, service, drop_in)
-}
-
-fn systemd_analyze(dir: &Dir, args: &[&str]) -> Output {
-    require_tool("systemd-analyze", "apt-get install systemd");
-    let mut command = Command::new("systemd-analyze");
-    scrub(&mut command, dir.path());
-    command
-        .env("LANG", "C")
-        .env("SYSTEMD_PAGER", "cat")
-        .env("SYSTEMD_COLORS", "0")
-        .args(args);
-    run(command)
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    )
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 temp path")
-}
-
 #[test]
 fn network_drop_in_verifies_and_keeps_its_recorded_exposure() {
     let dir = Dir::new();
-    let (socket, service, drop_in) = units_with_network(&dir);
-    let verify = systemd_analyze(&dir, &["verify", "--man=no", text(&socket), text(&service)]);
-    assert!(
-        verify.status.success() && verify.stdout.is_empty() && verify.stderr.is_empty(),
-        "systemd-analyze verify must accept the service with network.conf without a word:\n{}",
-        describe(&verify)
+    let (socket, service, drop_in) = units_with_drop_in(&dir, "network.conf");
+    assert_silent_success(
+        &systemd_verify(&dir, false, &[&socket, &service]),
+        "systemd-analyze verify of the service with network.conf",
     );
     let settings = fs::read_to_string(&drop_in).expect("read the drop-in");
     for line in [
@@ -1268,16 +1189,7 @@ fn network_drop_in_verifies_and_keeps_its_recorded_exposure() {
             "network.conf lacks {line:?}:\n{settings}"
         );
     }
-    let security = systemd_analyze(
-        &dir,
-        &[
-            "security",
-            "--offline=true",
-            "--threshold=10",
-            "--no-pager",
-            text(&service),
-        ],
-    );
+    let security = systemd_security(&dir, &service);
     let stdout = String::from_utf8_lossy(&security.stdout);
     // The drop-in is really read: the network settings show up as exposed.
     assert!(
@@ -1285,13 +1197,7 @@ fn network_drop_in_verifies_and_keeps_its_recorded_exposure() {
         "{}",
         describe(&security)
     );
-    let marker = "Overall exposure level for skykit-agent.service:";
-    let exposure: f64 = stdout
-        .lines()
-        .find_map(|line| line.split_once(marker))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no {marker:?} in the output:\n{}", describe(&security)));
+    let exposure = overall_exposure(&security);
     assert!(
         (exposure - RECORDED_EXPOSURE).abs() < 1e-9,
         "the exposure with network.conf is {exposure}, not the recorded {RECORDED_EXPOSURE}: update the drop-in and the README\n{}",

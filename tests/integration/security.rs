@@ -12,7 +12,7 @@
 use crate::support::require_tool;
 use std::{
     fs,
-    io::{self, BufRead, BufReader},
+    io::{BufRead, BufReader},
     os::unix::{
         fs::{FileExt, MetadataExt},
         net::UnixStream,
@@ -457,39 +457,6 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .expect("build a tokio runtime")
-}
-
-/// Connects to `socket` as uid and gid 65534 with `groups`, as the kernel
-/// records them for `SO_PEERCRED` and `SO_PEERGROUPS`: from a thread of its
-/// own that drops to those credentials with raw system calls, which (unlike
-/// libc's wrappers) change only the calling thread on Linux. The thread
-/// ends right after, so nothing else runs as that user; the connected
-/// socket then serves the whole process.
-fn connect_as_nobody(socket: &Path, groups: &[u32]) -> UnixStream {
-    require_root("connect to the agent as uid 65534");
-    let socket = socket.to_owned();
-    let groups: Vec<libc::gid_t> = groups.to_vec();
-    thread::spawn(move || {
-        // SAFETY: plain system calls on this thread's own credentials,
-        // with a valid pointer to `groups.len()` gids.
-        let results = unsafe {
-            [
-                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
-                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-            ]
-        };
-        assert_eq!(
-            results,
-            [0, 0, 0],
-            "cannot switch a thread to uid 65534: {}",
-            io::Error::last_os_error()
-        );
-        UnixStream::connect(&socket)
-            .unwrap_or_else(|error| panic!("connect to {} as 65534: {error}", socket.display()))
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 // ---------------------------------------------------------------------------

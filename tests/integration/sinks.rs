@@ -533,74 +533,20 @@ fn fill(path: &Path) {
 // The systemd drop-in.
 // ---------------------------------------------------------------------------
 
-/// Where the shipped service names the binary, replaced in the copies.
-const SYSTEM_BINARY: &str = "/usr/bin/skykit-agent";
 /// `systemd-analyze security`'s verdict for the unit with the drop-in, as
 /// recorded in the drop-in and the README.
 const RECORDED_EXPOSURE: f64 = 0.5;
-
-/// `systemd/` copied into `dir` the way systemd finds drop-ins: the units,
-/// with the built binary, and `skykit-agent.service.d/sinks.conf` beside them.
-fn units_with_drop_in(dir: &Dir) -> (PathBuf, PathBuf, PathBuf) {
-    let systemd = Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd");
-    let read = |name: &str| {
-        fs::read_to_string(systemd.join(name))
-            .unwrap_or_else(|error| panic!("cannot read systemd/{name}: {error}"))
-    };
-    let units = dir.join("units");
-    fs::create_dir_all(units.join("skykit-agent.service.d")).expect("create the units dir");
-    let socket = units.join("skykit-agent.socket");
-    let service = units.join("skykit-agent.service");
-    let drop_in = units.join("skykit-agent.service.d/sinks.conf");
-    fs::write(&socket, read("skykit-agent.socket")).expect("copy the socket");
-    let built = BIN.replace('%', "%%");
-    fs::write(
-        &service,
-        read("skykit-agent.service").replace(SYSTEM_BINARY, &built),
-    )
-    .expect("copy the service");
-    fs::write(&drop_in, read("skykit-agent.service.d/sinks.conf")).expect("copy the drop-in");
-    (socket, service, drop_in)
-}
-
-fn systemd_analyze(dir: &Dir, args: &[&str]) -> Output {
-    let mut command = Command::new("systemd-analyze");
-    scrub(&mut command, dir.path());
-    command
-        .env("LANG", "C")
-        .env("SYSTEMD_PAGER", "cat")
-        .env("SYSTEMD_COLORS", "0")
-        .args(args);
-    if let Err(error) = Command::new("systemd-analyze").arg("--version").output() {
-        panic!("cannot run systemd-analyze ({error}); apt-get install systemd");
-    }
-    run(command)
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    )
-}
-
-fn text(path: &Path) -> &str {
-    path.to_str().expect("a UTF-8 temp path")
-}
+/// The drop-in under test, in `systemd/skykit-agent.service.d/`.
+const DROP_IN: &str = "sinks.conf";
 
 #[test]
 fn sinks_drop_in_verifies_without_output() {
     let dir = Dir::new();
-    let (socket, service, drop_in) = units_with_drop_in(&dir);
-    let verify =
-        |dir: &Dir| systemd_analyze(dir, &["verify", "--man=no", text(&socket), text(&service)]);
-    let output = verify(&dir);
-    assert!(
-        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
-        "systemd-analyze verify must accept the service with sinks.conf without a word:\n{}",
-        describe(&output)
+    let (socket, service, drop_in) = units_with_drop_in(&dir, DROP_IN);
+    let verify = |dir: &Dir| systemd_verify(dir, false, &[&socket, &service]);
+    assert_silent_success(
+        &verify(&dir),
+        "systemd-analyze verify of the service with sinks.conf",
     );
     let settings = fs::read_to_string(&drop_in).expect("read the drop-in");
     assert!(
@@ -627,35 +573,8 @@ fn sinks_drop_in_verifies_without_output() {
 #[test]
 fn sinks_drop_in_keeps_the_recorded_exposure() {
     let dir = Dir::new();
-    let (_, service, _) = units_with_drop_in(&dir);
-    let output = systemd_analyze(
-        &dir,
-        &[
-            "security",
-            "--offline=true",
-            "--threshold=10",
-            "--no-pager",
-            text(&service),
-        ],
-    );
-    assert!(
-        output.status.success(),
-        "systemd-analyze security: exposure above 1.0 with sinks.conf:\n{}",
-        describe(&output)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let marker = "Overall exposure level for skykit-agent.service:";
-    let exposure: f64 = stdout
-        .lines()
-        .find_map(|line| line.split_once(marker))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no {marker:?} in the output:\n{}", describe(&output)));
-    assert!(
-        exposure <= 1.0,
-        "exposure {exposure} is above 1.0:\n{}",
-        describe(&output)
-    );
+    let (_, service, _) = units_with_drop_in(&dir, DROP_IN);
+    let exposure = assert_exposure_at_most_1_0(&dir, &service, "with sinks.conf");
     assert_eq!(
         exposure, RECORDED_EXPOSURE,
         "the exposure with sinks.conf changed: update the drop-in and the README"

@@ -1,11 +1,12 @@
 //! Helpers for the end-to-end tests: a temp dir and a scrubbed environment
 //! per test, the real binary run once or kept serving as an [`Agent`],
 //! gRPC calls from the test process, token verification that does not
-//! trust the agent's own code, and the keys the tests share.
+//! trust the agent's own code, the keys the tests share, connections as
+//! `nobody`, and systemd's tools run on the shipped units.
 
 use std::{
     fs::{self, File},
-    io::{Read, Seek},
+    io::{self, Read, Seek},
     os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
@@ -745,4 +746,188 @@ impl Drop for TestGroup {
             panic!("cannot remove test group {}: {removed:?}", self.name);
         }
     }
+}
+
+/// Connects to `socket` as uid and gid 65534 with supplementary `groups`
+/// (none for `&[]`), as the kernel records them for `SO_PEERCRED` and
+/// `SO_PEERGROUPS`: from a thread of its own that drops to those
+/// credentials with raw system calls, which (unlike libc's wrappers) change
+/// only the calling thread on Linux. The thread ends right after, so
+/// nothing else runs as that user; the connected socket then serves the
+/// whole process.
+pub fn connect_as_nobody(socket: &Path, groups: &[u32]) -> UnixStream {
+    require_root("connect to the agent as uid 65534");
+    let socket = socket.to_owned();
+    let groups: Vec<libc::gid_t> = groups.to_vec();
+    thread::spawn(move || {
+        // SAFETY: plain system calls on this thread's own credentials,
+        // with a valid pointer to `groups.len()` gids (the kernel reads
+        // none for an empty list).
+        let results = unsafe {
+            [
+                libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()),
+                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
+                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
+            ]
+        };
+        assert_eq!(
+            results,
+            [0, 0, 0],
+            "cannot switch a thread to uid 65534: {}",
+            io::Error::last_os_error()
+        );
+        UnixStream::connect(&socket)
+            .unwrap_or_else(|error| panic!("connect to {} as 65534: {error}", socket.display()))
+    })
+    .join()
+    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
+}
+
+// ---------------------------------------------------------------------------
+// systemd's tools on the units in `systemd/`.
+// ---------------------------------------------------------------------------
+
+/// Where the shipped system units name the binary, replaced in the copies.
+pub const SYSTEM_BINARY: &str = "/usr/bin/skykit-agent";
+
+/// The repository's `systemd/` folder.
+pub fn systemd_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
+}
+
+/// `program` (one of systemd's tools) with a scrubbed environment, HOME at
+/// `home`, and plain output; a missing tool fails the test, naming the
+/// package to install. The tests need the tools, not a running systemd.
+pub fn systemd_tool(program: &str, home: &Path) -> Command {
+    require_tool(program, "apt-get install systemd");
+    let mut command = Command::new(program);
+    scrub(&mut command, home);
+    // Plain ASCII output, no pager, no colours, whatever the caller's terminal.
+    command
+        .env("LANG", "C")
+        .env("SYSTEMD_PAGER", "cat")
+        .env("SYSTEMD_COLORS", "0");
+    command
+}
+
+/// Runs `systemd-analyze ARGS` (see [`systemd_tool`]) with HOME at `dir`.
+pub fn systemd_analyze(dir: &Dir, args: &[&str]) -> Output {
+    let mut command = systemd_tool("systemd-analyze", dir.path());
+    command.args(args);
+    run(command)
+}
+
+/// The exit code and both streams of `output`, for failure messages.
+pub fn describe(output: &Output) -> String {
+    format!(
+        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr),
+    )
+}
+
+/// The system units of `systemd/` copied into `dir/units` with the built
+/// binary, and `skykit-agent.service.d/DROP_IN` beside them, the way
+/// systemd finds drop-ins; returns the socket, the service and the drop-in.
+pub fn units_with_drop_in(dir: &Dir, drop_in: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let systemd = systemd_dir();
+    let read = |name: &str| {
+        fs::read_to_string(systemd.join(name))
+            .unwrap_or_else(|error| panic!("cannot read systemd/{name}: {error}"))
+    };
+    let units = dir.join("units");
+    fs::create_dir_all(units.join("skykit-agent.service.d")).expect("create the units dir");
+    let socket = units.join("skykit-agent.socket");
+    let service = units.join("skykit-agent.service");
+    let drop_in = format!("skykit-agent.service.d/{drop_in}");
+    let drop_in_copy = units.join(&drop_in);
+    fs::write(&socket, read("skykit-agent.socket")).expect("copy the socket");
+    // `%` starts a specifier in unit files; a literal one is written `%%`.
+    fs::write(
+        &service,
+        read("skykit-agent.service").replace(SYSTEM_BINARY, &BIN.replace('%', "%%")),
+    )
+    .expect("copy the service");
+    fs::write(&drop_in_copy, read(&drop_in)).expect("copy the drop-in");
+    (socket, service, drop_in_copy)
+}
+
+/// Runs `systemd-analyze verify --man=no` (of the user manager if `user`)
+/// on `units`, with a private runtime directory (a user manager needs one
+/// for %t).
+pub fn systemd_verify(dir: &Dir, user: bool, units: &[impl AsRef<Path>]) -> Output {
+    let runtime = dir.join("xdg-runtime");
+    fs::create_dir_all(&runtime).expect("create a runtime dir");
+    let mut command = systemd_tool("systemd-analyze", dir.path());
+    command
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .args(["verify", "--man=no"]);
+    if user {
+        command.arg("--user");
+    }
+    command.args(units.iter().map(AsRef::as_ref));
+    run(command)
+}
+
+/// Asserts that `output` (of `what`) is a success that printed nothing at
+/// all: `systemd-analyze verify` exits 0 on some warnings.
+pub fn assert_silent_success(output: &Output, what: &str) {
+    assert!(
+        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
+        "{what} must succeed without a word:\n{}",
+        describe(output)
+    );
+}
+
+/// `systemd-analyze security --threshold` counts tenths: 10 is an exposure
+/// of 1.0, the most the shipped units (and the sinks drop-in) may have.
+pub const MAX_EXPOSURE_TENTHS: u32 = 10;
+
+/// Runs `systemd-analyze security --offline=true` on `service`, failing
+/// (exit status) above [`MAX_EXPOSURE_TENTHS`].
+pub fn systemd_security(dir: &Dir, service: &Path) -> Output {
+    let threshold = format!("--threshold={MAX_EXPOSURE_TENTHS}");
+    let service = service.to_str().expect("a UTF-8 path");
+    systemd_analyze(
+        dir,
+        &[
+            "security",
+            "--offline=true",
+            &threshold,
+            "--no-pager",
+            service,
+        ],
+    )
+}
+
+/// Asserts that `systemd-analyze security` rates `service` (described as
+/// `what`) at an exposure of 1.0 or lower; returns the exposure.
+pub fn assert_exposure_at_most_1_0(dir: &Dir, service: &Path, what: &str) -> f64 {
+    let output = systemd_security(dir, service);
+    assert!(
+        output.status.success(),
+        "systemd-analyze security: exposure above {MAX_EXPOSURE_TENTHS} tenths {what}:\n{}",
+        describe(&output)
+    );
+    let exposure = overall_exposure(&output);
+    assert!(
+        exposure <= 1.0,
+        "exposure {exposure} is above 1.0:\n{}",
+        describe(&output)
+    );
+    exposure
+}
+
+/// The overall exposure of `skykit-agent.service` that `systemd-analyze
+/// security` printed in `output`.
+pub fn overall_exposure(output: &Output) -> f64 {
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let marker = "Overall exposure level for skykit-agent.service:";
+    stdout
+        .lines()
+        .find_map(|line| line.split_once(marker))
+        .and_then(|(_, rest)| rest.split_whitespace().next())
+        .and_then(|number| number.parse().ok())
+        .unwrap_or_else(|| panic!("no {marker:?} in the output:\n{}", describe(output)))
 }

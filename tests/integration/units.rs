@@ -10,63 +10,22 @@
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{Command, Output},
 };
 
-use crate::support::{BIN, Dir, run};
+use crate::support::{
+    BIN, Dir, SYSTEM_BINARY, assert_exposure_at_most_1_0, assert_silent_success, describe, run,
+    systemd_dir, systemd_tool, systemd_verify,
+};
 
 /// The exact `ExecStart=` line the README and the issue document.
 const EXEC_START: &str =
     "ExecStart=/usr/bin/skykit-agent serve --config /etc/skykit-agent/config.toml";
-/// `systemd-analyze security --threshold` counts tenths: 10 is an exposure of 1.0.
-const MAX_EXPOSURE_TENTHS: u32 = 10;
-/// Where the shipped units name the binary, replaced in the copies.
-const SYSTEM_BINARY: &str = "/usr/bin/skykit-agent";
+/// Where the shipped user units name the binary, replaced in the copies.
 const USER_BINARY: &str = "%h/.cargo/bin/skykit-agent";
-
-fn systemd_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd")
-}
 
 fn read(path: &Path) -> String {
     fs::read_to_string(path)
         .unwrap_or_else(|error| panic!("cannot read {}: {error}", path.display()))
-}
-
-/// Runs a systemd tool (scrubbed environment plus `env`); a missing tool
-/// fails the test, naming the package to install.
-fn systemd_tool(program: &str, args: &[&str], env: &[(&str, &Path)]) -> Output {
-    if let Err(error) = Command::new(program).arg("--version").output() {
-        panic!(
-            "cannot run `{program}`: {error}; these tests need systemd's tools \
-             (Debian/Ubuntu: apt-get install systemd), not a running systemd"
-        );
-    }
-    let mut command = Command::new(program);
-    command
-        .env_clear()
-        .env(
-            "PATH",
-            std::env::var_os("PATH").unwrap_or_else(|| "/usr/bin:/bin".into()),
-        )
-        // Plain ASCII output, no pager, no colours, whatever the caller's terminal.
-        .env("LANG", "C")
-        .env("SYSTEMD_PAGER", "cat")
-        .env("SYSTEMD_COLORS", "0")
-        .args(args);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    run(command)
-}
-
-fn describe(output: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout ---\n{}--- stderr ---\n{}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr),
-    )
 }
 
 /// Copies units from `from` into `to` under their own names (so
@@ -99,35 +58,15 @@ fn copy_units(from: &Path, names: &[&str], binary: &str, to: &Path) -> Vec<PathB
         .collect()
 }
 
-/// `systemd-analyze verify --man=no` (system or user manager) on `units`:
-/// it must print nothing at all, since it exits 0 on some warnings.
-fn verify(dir: &Dir, user: bool, units: &[PathBuf]) -> Output {
-    // A user manager needs a runtime directory (for %t); give it a private one.
-    let runtime = dir.join("xdg-runtime");
-    fs::create_dir_all(&runtime).expect("create a runtime dir");
-    let mut args = vec!["verify", "--man=no"];
-    if user {
-        args.push("--user");
-    }
-    let units: Vec<&str> = units
-        .iter()
-        .map(|unit| unit.to_str().expect("a UTF-8 temp path"))
-        .collect();
-    args.extend(units);
-    systemd_tool(
-        "systemd-analyze",
-        &args,
-        &[("HOME", dir.path()), ("XDG_RUNTIME_DIR", &runtime)],
-    )
-}
-
+/// `systemd-analyze verify` (system or user manager) must accept `units`
+/// without a word.
 fn assert_verifies_silently(dir: &Dir, user: bool, units: &[PathBuf]) {
-    let output = verify(dir, user, units);
-    assert!(
-        output.status.success() && output.stdout.is_empty() && output.stderr.is_empty(),
-        "systemd-analyze verify{} must accept {units:?} without a word:\n{}",
-        if user { " --user" } else { "" },
-        describe(&output)
+    assert_silent_success(
+        &systemd_verify(dir, user, units),
+        &format!(
+            "systemd-analyze verify{} of {units:?}",
+            if user { " --user" } else { "" }
+        ),
     );
 }
 
@@ -168,7 +107,7 @@ fn verify_rejects_a_missing_binary() {
     let text = read(&from.join("skykit-agent.service"))
         .replace(SYSTEM_BINARY, missing.to_str().expect("a UTF-8 temp path"));
     fs::write(&service, text).expect("write a unit copy");
-    let output = verify(&dir, false, &[socket, service]);
+    let output = systemd_verify(&dir, false, &[socket, service]);
     let all = describe(&output);
     assert!(
         !output.status.success() && all.contains("no-such-skykit-agent"),
@@ -259,36 +198,7 @@ fn shipped_service_exposure_is_at_most_1_0() {
     let dir = Dir::new();
     let service = dir.join("skykit-agent.service");
     fs::copy(systemd_dir().join("skykit-agent.service"), &service).expect("copy the service");
-    let threshold = format!("--threshold={MAX_EXPOSURE_TENTHS}");
-    let output = systemd_tool(
-        "systemd-analyze",
-        &[
-            "security",
-            "--offline=true",
-            &threshold,
-            "--no-pager",
-            service.to_str().expect("a UTF-8 path"),
-        ],
-        &[],
-    );
-    assert!(
-        output.status.success(),
-        "systemd-analyze security: exposure above {MAX_EXPOSURE_TENTHS} tenths:\n{}",
-        describe(&output)
-    );
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let marker = "Overall exposure level for skykit-agent.service:";
-    let exposure: f64 = stdout
-        .lines()
-        .find_map(|line| line.split_once(marker))
-        .and_then(|(_, rest)| rest.split_whitespace().next())
-        .and_then(|number| number.parse().ok())
-        .unwrap_or_else(|| panic!("no {marker:?} in the output:\n{}", describe(&output)));
-    assert!(
-        exposure <= 1.0,
-        "exposure {exposure} is above 1.0:\n{}",
-        describe(&output)
-    );
+    assert_exposure_at_most_1_0(&dir, &service, "of the shipped service");
 }
 
 #[test]
@@ -392,11 +302,9 @@ fn sysusers_creates_the_service_user_and_client_group() {
     fs::create_dir_all(root.join("etc")).expect("create root/etc");
     let conf = systemd_dir().join("sysusers.d/skykit-agent.conf");
     let root_arg = format!("--root={}", root.display());
-    let output = systemd_tool(
-        "systemd-sysusers",
-        &[&root_arg, conf.to_str().expect("a UTF-8 path")],
-        &[],
-    );
+    let mut sysusers = systemd_tool("systemd-sysusers", dir.path());
+    sysusers.arg(&root_arg).arg(&conf);
+    let output = run(sysusers);
     assert!(
         output.status.success(),
         "systemd-sysusers:\n{}",

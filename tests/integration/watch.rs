@@ -13,7 +13,6 @@
 //! metrics tests.
 
 use std::{
-    io,
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
     thread,
@@ -240,36 +239,6 @@ fn wait_for_counts(client: &Client<'_>, agent: &Agent<'_>, expected: Counts, whe
     );
 }
 
-/// Connects to `socket` as uid and gid 65534 without supplementary
-/// groups, from a thread that drops to those credentials with raw system
-/// calls (which, unlike libc's wrappers, change only the calling thread)
-/// and ends right after; the connected socket then serves the test.
-fn connect_as_nobody(socket: &Path) -> UnixStream {
-    require_root("connect to the agent as uid 65534");
-    let socket = socket.to_owned();
-    thread::spawn(move || {
-        // SAFETY: plain system calls on this thread's own credentials; an
-        // empty group list needs no pointer.
-        let results = unsafe {
-            [
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()),
-                libc::syscall(libc::SYS_setresgid, NOBODY, NOBODY, NOBODY),
-                libc::syscall(libc::SYS_setresuid, NOBODY, NOBODY, NOBODY),
-            ]
-        };
-        assert_eq!(
-            results,
-            [0, 0, 0],
-            "cannot switch a thread to uid 65534: {}",
-            io::Error::last_os_error()
-        );
-        UnixStream::connect(&socket)
-            .unwrap_or_else(|error| panic!("connect to {} as 65534: {error}", socket.display()))
-    })
-    .join()
-    .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
-}
-
 /// Asserts that `WatchToken` and `GetToken` refuse the same request with
 /// `code` and a message containing `needle`, and that the refused watch
 /// left no watcher behind (checked through `admin`, a root connection).
@@ -456,7 +425,7 @@ fn watch_token_refuses_what_get_token_refuses() {
     );
     let rt = runtime();
     let admin = Client::connect(&rt, agent.socket());
-    let nobody = Client::over(&rt, connect_as_nobody(agent.socket()));
+    let nobody = Client::over(&rt, connect_as_nobody(agent.socket(), &[]));
 
     check_refused(
         &nobody,
