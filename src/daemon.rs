@@ -153,9 +153,9 @@ pub async fn run(
         }
         systemd::stopping();
     };
-    let stopping = service.clone();
+    let stopper = service.clone();
     let result = server::run(listener, service, stop).await;
-    stopping.begin_stopping();
+    stopper.begin_stopping();
     sinks.stop();
     reloader.abort();
     watchdog.abort();
@@ -166,7 +166,7 @@ pub async fn run(
         // The proxy drains its requests in flight within the drain timeout,
         // alongside the agent socket's; the margin only covers a proxy that
         // fails to, and ending its task removes its socket file.
-        let margin = stopping.limits().drain_timeout + std::time::Duration::from_secs(1);
+        let margin = stopper.limits().drain_timeout + std::time::Duration::from_secs(1);
         if tokio::time::timeout(margin, &mut proxy).await.is_err() {
             proxy.abort();
             let _ = proxy.await;

@@ -207,14 +207,14 @@ impl Proxy {
             };
             match accepted {
                 Ok((accepted, permit)) => {
-                    if let Some((io, origin)) = accepted.into_connection() {
+                    if let Some(origin) = accepted.origin() {
                         let connection = Connection {
                             origin,
                             state: state.clone(),
                             stopping: stopping.clone(),
                             _permit: permit,
                         };
-                        connections.spawn(connection.serve(io));
+                        connections.spawn(connection.serve(accepted));
                     }
                 }
                 Err(error) => accept_failed(error).await,
@@ -238,12 +238,12 @@ enum Accepted {
 }
 
 impl Accepted {
-    /// The stream and who is on its other end; `None` (logged) when a Unix
-    /// peer's credentials cannot be read.
-    fn into_connection(self) -> Option<(Stream, Origin)> {
+    /// Who is on the other end; `None` (logged) when a Unix peer's
+    /// credentials cannot be read.
+    fn origin(&self) -> Option<Origin> {
         match self {
-            Accepted::Unix(stream) => match Caller::of(&stream) {
-                Ok(caller) => Some((Stream::Unix(TokioIo::new(stream)), Origin::Unix(caller))),
+            Accepted::Unix(stream) => match Caller::of(stream) {
+                Ok(caller) => Some(Origin::Unix(caller)),
                 Err(error) => {
                     tracing::warn!(
                         %error,
@@ -254,7 +254,7 @@ impl Accepted {
             },
             Accepted::Tcp(stream, address) => {
                 let _ = stream.set_nodelay(true);
-                Some((Stream::Tcp(TokioIo::new(stream)), Origin::Tcp(address)))
+                Some(Origin::Tcp(*address))
             }
         }
     }
@@ -434,12 +434,6 @@ impl Origin {
     }
 }
 
-/// An accepted stream of either kind.
-enum Stream {
-    Unix(TokioIo<tokio::net::UnixStream>),
-    Tcp(TokioIo<tokio::net::TcpStream>),
-}
-
 /// One client connection and what it needs to be served.
 struct Connection {
     origin: Origin,
@@ -451,10 +445,10 @@ struct Connection {
 }
 
 impl Connection {
-    async fn serve(self, stream: Stream) {
-        match stream {
-            Stream::Unix(io) => self.serve_io(io).await,
-            Stream::Tcp(io) => self.serve_io(io).await,
+    async fn serve(self, accepted: Accepted) {
+        match accepted {
+            Accepted::Unix(stream) => self.serve_io(TokioIo::new(stream)).await,
+            Accepted::Tcp(stream, _) => self.serve_io(TokioIo::new(stream)).await,
         }
     }
 

@@ -254,6 +254,19 @@ fn resolve<'a>(
     })
 }
 
+/// The identity `name` resolves to in `identities` and the lifetime asked
+/// for, once its policy has admitted `caller` (with the audit line).
+fn admit_to<'a>(
+    identities: &'a crate::identity::Identities,
+    caller: &Caller,
+    name: &str,
+    lifetime: Option<prost_types::Duration>,
+) -> Result<(&'a Arc<Identity>, Lifetime), Status> {
+    let identity = resolve(identities, name)?;
+    authorize(identity, caller)?;
+    Ok((identity, requested_lifetime(identity, lifetime)?))
+}
+
 fn requested_lifetime(
     identity: &Identity,
     lifetime: Option<prost_types::Duration>,
@@ -421,10 +434,8 @@ impl Service {
         lifetime: Option<prost_types::Duration>,
     ) -> Result<(Arc<Identity>, Lifetime), Status> {
         let identities = self.registry.peek();
-        let identity = resolve(&identities, name)?.clone();
-        authorize(&identity, caller)?;
-        let lifetime = requested_lifetime(&identity, lifetime)?;
-        Ok((identity, lifetime))
+        let (identity, lifetime) = admit_to(&identities, caller, name, lifetime)?;
+        Ok((identity.clone(), lifetime))
     }
 
     /// WatchToken without its metrics; see [`TokenService::watch_token`].
@@ -520,9 +531,8 @@ impl Service {
     /// still count the call.)
     fn admit_cached(&self, caller: &Caller, request: &GetTokenRequest) -> Result<Admitted, Status> {
         let identities = self.registry.peek();
-        let identity = resolve(&identities, &request.identity)?;
-        authorize(identity, caller)?;
-        let lifetime = requested_lifetime(identity, request.lifetime)?;
+        let (identity, lifetime) =
+            admit_to(&identities, caller, &request.identity, request.lifetime)?;
         let min_valid_for = match request.min_valid_for {
             None => Duration::ZERO,
             Some(min_valid_for) => lifetime
